@@ -1,0 +1,292 @@
+"""Typed configuration: dataclasses, JSON conversion and dotted overrides.
+
+Stdlib only (no torch): configs are read by the CLI, the index and the tests without loading a model.
+A model is described by :class:`ModelConfig` (saved inside every checkpoint); a run adds loss, data,
+training and evaluation settings in :class:`ExperimentConfig`. Named presets live in
+:mod:`lexvla.presets`.
+
+Conversion is strict: an unknown key or a value of the wrong type raises :class:`LexVLAError` naming the
+dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lexvla.errors import LexVLAError
+
+DEFAULT_PROMPT = 'This image caption: "{caption}" means in one word:"'
+FEW_SHOT_PROMPT = (
+    'This image caption: "A man riding a wave on top of a surfboard." means in one word:"surfing".\n'
+    'This image caption: "Two giraffes standing next to a tree in a field." means in one word:"giraffe".\n'
+    'This image caption: "A plate with a sandwich and french fries." means in one word:"food".\n'
+    'This image caption: "{caption}" means in one word:"'
+)
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image backbone (DINOv2) and the trained adapter on top of it."""
+
+    # HF hub name, local folder, or `offline:NAME` for a model prepared by `lexvla assets prepare`.
+    backbone: str = "facebook/dinov2-large"
+    # False: build the backbone from `arch` with random weights (the `tiny` preset, meta-device builds).
+    pretrained: bool = True
+    # Dinov2Config fields used when the weights are not loaded (tests, meta device). Empty: from backbone.
+    arch: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 224  # input side in pixels; 224 / patch 14 = 16 x 16 patches
+    # Preprocessing: resize shorter side to `resize_size`, centre-crop to image_size, normalise.
+    resize_size: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    freeze: bool = True  # the paper keeps DINOv2 frozen
+    adapter_heads: int = 0  # heads of the adapter block; 0: the backbone's own head count
+    adapter_mlp_ratio: float = 4.0
+
+
+@dataclass
+class TextConfig:
+    """The generative LLM that predicts a caption's words through an in-context prompt."""
+
+    backbone: str = "meta-llama/Llama-2-7b-hf"  # HF hub name, local folder or `offline:NAME`
+    tokenizer: str = ""  # empty: same as backbone
+    pretrained: bool = True
+    arch: dict[str, Any] = field(default_factory=dict)  # LlamaConfig fields when not loaded
+    # The in-context lexical-prediction prompt; `{caption}` is replaced by the caption.
+    prompt: str = DEFAULT_PROMPT
+    max_caption_tokens: int = 64  # longer captions are truncated (never an error)
+    use_lora: bool = True
+    lora_rank: int = 20
+    lora_alpha: float = 40.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    dtype: str = "float32"  # dtype of the frozen LLM weights: float32 | bfloat16 | float16
+
+
+@dataclass
+class LexicalConfig:
+    """The shared vocabulary, the two codebooks and sparsification."""
+
+    vocab_rule: str = "pieces"  # "pieces" (▁?[a-z]{2,}) or "word-start" (▁[a-z]{2,})
+    center_codebooks: bool = True  # subtract the mean codebook row (see docs/method.md)
+    pooling: str = "fused"  # "fused" (chunked, memory-lean) or "naive" (materialises (B, P, V))
+    pool_chunk_size: int = 4096  # vocabulary chunk of the fused max-pool
+    # Inference sparsification: "threshold" (1/sqrt(V) unless `threshold` > 0), "topk" or "none".
+    sparsify: str = "threshold"
+    threshold: float = 0.0
+    top_k: int = 512
+    index_max_words: int = 256  # cap on active words per vector when indexing
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a LexVLA model; saved as `config.json` in each checkpoint."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    lexical: LexicalConfig = field(default_factory=LexicalConfig)
+    logit_scale_init: float = 1.0 / 0.07
+    logit_scale_max: float = 100.0
+    seed: int = 0  # seeds random initialisation (adapter, random towers): same weights every build
+
+
+@dataclass
+class LossConfig:
+    """The training objective: symmetric InfoNCE plus a sparsity penalty."""
+
+    penalty: str = "overuse"  # "overuse" | "overuse-square" | "flops" | "none"
+    penalty_weight: float = 1e-3  # lambda, per modality
+    penalty_warmup_steps: int = 50  # quadratic warm-up of lambda (SPLADE style)
+
+
+@dataclass
+class DataConfig:
+    """Training data: a path whose format is detected (COCO/Karpathy JSON, CSV/TSV, tar shards, synthetic)."""
+
+    path: str = ""
+    images: str = ""  # image folder for caption JSON / CSV with relative paths
+    split: str = "train"  # Karpathy split to use, when the file has splits
+    holdout: int = 0  # keep the last N images out of training (for evaluation on unseen images)
+    captions_per_image: int = 1  # captions sampled per image per step
+    num_workers: int = 0
+    synthetic_size: int = 512  # number of samples of the synthetic dataset
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run settings."""
+
+    steps: int = 100
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3  # adapter, LoRA, temperature
+    codebook_lr: float = 1e-4  # image codebook
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    precision: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "fp32"
+    grad_checkpointing: bool = False
+    cache_features: bool = True  # cache frozen DINOv2 outputs on disk
+    log_every: int = 5
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    distributed: str = "ddp"  # "ddp" | "fsdp"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings."""
+
+    batch_size: int = 32
+    recall_ks: tuple[int, ...] = (1, 5, 10)
+    patchdis_threshold: float = 0.0  # background when the best class score is below this
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole run: model plus loss, data, training and evaluation settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n"
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
+    """Build config `cls` from a plain dict, rejecting unknown keys and wrong types.
+
+    Missing keys keep their defaults, so configs saved by older versions still load.
+    """
+    if not isinstance(data, dict):
+        raise LexVLAError(f"config {where or cls.__name__}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in known:
+            raise LexVLAError(
+                f"unknown config key '{dotted}'. Known keys here: {', '.join(sorted(known))}"
+            )
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check `value` against type `tp` (converting lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where=where)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, where)
+            except LexVLAError:
+                continue
+        raise _type_error(where, tp, value)
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _type_error(where, tp, value)
+        args = typing.get_args(tp)
+        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise LexVLAError(f"config key '{where}': expected {len(item_types)} values, got {len(value)}")
+        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(where, tp, value)
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _type_error(where, tp, value)
+        return float(value)
+    if tp is int or tp is bool or tp is str:
+        # bool is a subclass of int: an int field must not accept True, a bool field not 1.
+        if type(value) is not tp:
+            raise _type_error(where, tp, value)
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise _type_error(where, tp, value)
+        return None
+    raise LexVLAError(f"config key '{where}': unsupported type {tp}")  # pragma: no cover
+
+
+def _type_error(where: str, tp: Any, value: Any) -> LexVLAError:
+    name = getattr(tp, "__name__", str(tp))
+    return LexVLAError(
+        f"config key '{where}': expected {name}, got {type(value).__name__} ({value!r})"
+    )
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Read a config JSON file into `cls`, with errors that name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LexVLAError(f"config file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LexVLAError(f"config file {path} is not valid JSON: {err}") from None
+    try:
+        return from_dict(cls, data)
+    except LexVLAError as err:
+        raise LexVLAError(f"{path}: {err}") from None
+
+
+def apply_overrides(cfg: T, overrides: list[str] | dict[str, Any]) -> T:
+    """Return a copy of `cfg` with dotted `key=value` overrides applied (values parsed as JSON).
+
+    `train.steps=40`, `model.text.prompt="{caption} is"`, `eval.recall_ks=[1,5]`. A value that is not
+    valid JSON is taken as a string, so `--set data.path=/x/y.json` needs no quotes.
+    """
+    items = overrides.items() if isinstance(overrides, dict) else map(_split_override, overrides)
+    data = to_dict(cfg)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise LexVLAError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{key}'")
+            node = node[part]
+        if parts[-1] not in node:
+            raise LexVLAError(
+                f"unknown config key '{key}'. Known keys here: {', '.join(sorted(node))}"
+            )
+        node[parts[-1]] = value
+    return from_dict(type(cfg), data)
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise LexVLAError(f"override '{text}' must look like key=value (e.g. train.steps=40)")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value

@@ -1,0 +1,1 @@
+"""Datasets and preprocessing: caption JSON, CSV/TSV, WebDataset shards and a synthetic dataset."""

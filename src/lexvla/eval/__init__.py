@@ -1,0 +1,1 @@
+"""Evaluation: retrieval recall, sparsity curves, PatchDis, false discoveries."""

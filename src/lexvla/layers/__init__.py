@@ -1,0 +1,1 @@
+"""Single-concept building blocks (tensors in, tensors out): lexical mapper, adapter, LoRA."""

@@ -1,0 +1,124 @@
+"""The lexical mapper: activation, max-pool over patches, normalisation and sparsification.
+
+Tensors in, tensors out. The LexVLA mapper is `normalize(max_p elu(H_p · Zᵀ) + 1)`. Because `elu + 1` is
+monotone, max-then-activate equals activate-then-max, so pooling works on the raw logits and the
+activated (B, P, V) tensor is never needed (:func:`lexical_max_pool`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def lexical_activation(logits: Tensor) -> Tensor:
+    """`elu(x) + 1`: strictly positive, monotone, ≈ x + 1 for x > 0 and → 0 for x → -∞."""
+    return F.elu(logits) + 1.0
+
+
+def lexical_weights(logits: Tensor) -> Tensor:
+    """Activate then L2-normalise over the vocabulary (last) dimension: `(..., V) -> (..., V)`."""
+    return F.normalize(lexical_activation(logits), dim=-1)
+
+
+def naive_lexical_max_pool(hidden: Tensor, codebook: Tensor) -> Tensor:
+    """Reference max-pool: materialises the (B, P, V) patch logits. Kept for tests and benchmarks.
+
+    Args:
+        hidden: patch features after the adapter, (B, P, D).
+        codebook: image codebook, (V, D).
+
+    Returns:
+        max over patches of `hidden · codebookᵀ`, (B, V).
+    """
+    patch_logits = hidden @ codebook.t()  # (B, P, V)
+    return patch_logits.max(dim=1).values  # (B, V)
+
+
+def lexical_max_pool(
+    hidden: Tensor, codebook: Tensor, *, impl: str = "fused", chunk_size: int = 4096
+) -> Tensor:
+    """Max over patches of the patch logits `hidden · codebookᵀ`: (B, P, D), (V, D) -> (B, V).
+
+    `impl="fused"` computes it in vocabulary chunks and keeps only the arg-max patch per (image, word)
+    for the backward pass; `impl="naive"` is the reference. Both give the same values and gradients.
+    """
+    if impl == "naive":
+        return naive_lexical_max_pool(hidden, codebook)
+    if impl == "fused":
+        from lexvla.layers.fused_pool import fused_lexical_max_pool
+
+        return fused_lexical_max_pool(hidden, codebook, chunk_size)
+    raise ValueError(f"unknown pooling impl {impl!r}: use 'fused' or 'naive'")
+
+
+def default_threshold(vocab_size: int) -> float:
+    """The paper's sparsification threshold `1 / sqrt(V)`.
+
+    For an L2-normalised vector, entries below it can be at most V of them and carry little mass.
+    """
+    return 1.0 / math.sqrt(vocab_size)
+
+
+def sparsify_threshold(weights: Tensor, threshold: float | None = None) -> Tensor:
+    """Zero entries below `threshold` (default `1/sqrt(V)`); not re-normalised. (..., V) -> (..., V)."""
+    if threshold is None:
+        threshold = default_threshold(weights.shape[-1])
+    return torch.where(weights >= threshold, weights, torch.zeros_like(weights))
+
+
+def sparsify_topk(weights: Tensor, k: int) -> Tensor:
+    """Keep the `k` largest entries of each vector (ties: lowest index first); not re-normalised."""
+    k = min(k, weights.shape[-1])
+    # Stable sort so ties resolve to the lowest word id, identically on every device.
+    order = torch.sort(weights, dim=-1, descending=True, stable=True).indices[..., :k]
+    mask = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, order, True)
+    return torch.where(mask, weights, torch.zeros_like(weights))
+
+
+def sparsify(
+    weights: Tensor, mode: str, *, threshold: float = 0.0, top_k: int = 512, max_words: int = 0
+) -> Tensor:
+    """Apply the configured sparsification ("threshold", "topk" or "none"), then cap at `max_words`."""
+    if mode == "threshold":
+        weights = sparsify_threshold(weights, threshold if threshold > 0 else None)
+    elif mode == "topk":
+        weights = sparsify_topk(weights, top_k)
+    elif mode != "none":
+        raise ValueError(f"unknown sparsify mode {mode!r}: use 'threshold', 'topk' or 'none'")
+    if max_words > 0:
+        weights = sparsify_topk(weights, max_words)
+    return weights
+
+
+class SparseLexical(NamedTuple):
+    """A batch of sparse lexical vectors in CSR form (one row per vector)."""
+
+    indptr: Tensor  # (B + 1,) int64
+    indices: Tensor  # (nnz,) int64 word ids, increasing within a row
+    values: Tensor  # (nnz,) weights
+    vocab_size: int
+
+    def to_dense(self) -> Tensor:
+        """(B, V) dense tensor."""
+        rows = torch.repeat_interleave(
+            torch.arange(len(self.indptr) - 1, device=self.indptr.device), self.indptr.diff()
+        )
+        dense = torch.zeros(len(self.indptr) - 1, self.vocab_size, dtype=self.values.dtype,
+                            device=self.values.device)
+        dense[rows, self.indices] = self.values
+        return dense
+
+
+def to_sparse(weights: Tensor) -> SparseLexical:
+    """CSR form of the non-zero entries of (B, V) `weights`."""
+    nonzero = weights != 0
+    rows, cols = nonzero.nonzero(as_tuple=True)  # row-major order: cols increase within a row
+    counts = nonzero.sum(dim=1)
+    indptr = torch.zeros(weights.shape[0] + 1, dtype=torch.long, device=weights.device)
+    indptr[1:] = counts.cumsum(0)
+    return SparseLexical(indptr, cols, weights[rows, cols], weights.shape[-1])
