@@ -180,7 +180,9 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
     Missing keys keep their defaults, so configs saved by older versions still load.
     """
     if not isinstance(data, dict):
-        raise LexVLAError(f"config {where or cls.__name__}: expected an object, got {type(data).__name__}")
+        raise LexVLAError(
+            f"config {where or cls.__name__}: expected an object, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
@@ -214,8 +216,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         args = typing.get_args(tp)
         item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
         if len(item_types) != len(value):
-            raise LexVLAError(f"config key '{where}': expected {len(item_types)} values, got {len(value)}")
-        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+            raise LexVLAError(
+                f"config key '{where}': expected {len(item_types)} values, got {len(value)}"
+            )
+        return tuple(
+            _coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))
+        )
     if origin is dict:
         if not isinstance(value, dict):
             raise _type_error(where, tp, value)
@@ -271,7 +277,9 @@ def apply_overrides(cfg: T, overrides: list[str] | dict[str, Any]) -> T:
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
-                raise LexVLAError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{key}'")
+                raise LexVLAError(
+                    f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{key}'"
+                )
             node = node[part]
         if parts[-1] not in node:
             raise LexVLAError(

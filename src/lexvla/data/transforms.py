@@ -30,7 +30,9 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     Raises:
         LexVLAError: the file is missing, empty, truncated, not an image, or too large to decode safely.
     """
-    name = "<bytes>" if isinstance(source, bytes) else str(getattr(source, "filename", "") or source)
+    name = (
+        "<bytes>" if isinstance(source, bytes) else str(getattr(source, "filename", "") or source)
+    )
     try:
         if isinstance(source, Image.Image):
             image = source
@@ -53,9 +55,17 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
         raise
     except FileNotFoundError:
         raise LexVLAError(f"image not found: {name}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
-        raise LexVLAError(f"cannot decode image {name}: {err}. Is it a complete image file?") from None
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
+        raise LexVLAError(
+            f"cannot decode image {name}: {err}. Is it a complete image file?"
+        ) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,1 +1,1 @@
-"""interpret."""
+"""Looking inside: top words, word clouds, grounding heatmaps and per-word explanations."""

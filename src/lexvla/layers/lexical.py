@@ -108,8 +108,12 @@ class SparseLexical(NamedTuple):
         rows = torch.repeat_interleave(
             torch.arange(len(self.indptr) - 1, device=self.indptr.device), self.indptr.diff()
         )
-        dense = torch.zeros(len(self.indptr) - 1, self.vocab_size, dtype=self.values.dtype,
-                            device=self.values.device)
+        dense = torch.zeros(
+            len(self.indptr) - 1,
+            self.vocab_size,
+            dtype=self.values.dtype,
+            device=self.values.device,
+        )
         dense[rows, self.indices] = self.values
         return dense
 

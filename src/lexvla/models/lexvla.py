@@ -1,0 +1,226 @@
+"""LexVLA: images and texts as sparse, non-negative vectors over one vocabulary (the LLM's words).
+
+Follows open_clip's API (`encode_image`, `encode_text`, a dict `forward`) and Hugging Face's
+(`save_pretrained`, `from_pretrained`). Checkpoints store only what is trained (adapter, image
+codebook, LoRA, temperature) in safetensors, plus `config.json`, `vocab.json` and a model card; the frozen
+backbones are referenced by hub name, local path or `offline:NAME`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from lexvla.config import ModelConfig
+from lexvla.data.transforms import ImageProcessor
+from lexvla.layers.lexical import SparseLexical, sparsify, to_sparse
+from lexvla.models.text import TextTower
+from lexvla.models.tokenizer import load_tokenizer
+from lexvla.models.vision import VisionTower
+from lexvla.vocab import LexicalVocabulary
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Tensor | Image.Image | str | Path | Sequence[Image.Image | str | Path]
+
+
+@dataclass
+class ImageEncoding:
+    """Output of `encode_image`."""
+
+    image_weights: Tensor  # (B, V) L2-normalised, non-negative
+    patch_weights: Tensor | None = None  # (B, P, V) per-patch, each L2-normalised; on request
+
+
+@dataclass
+class TextEncoding:
+    """Output of `encode_text`."""
+
+    text_weights: Tensor  # (B, V) L2-normalised, non-negative
+
+
+class LexVLA(nn.Module):
+    """The LexVLA model. Build it with :func:`lexvla.create_model` or `LexVLA(ModelConfig(...))`.
+
+    Args:
+        cfg: the model configuration.
+        device: where to build; ``torch.device("meta")`` builds the architecture without weights.
+    """
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        device = torch.device(device) if device is not None else None
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.text.tokenizer or cfg.text.backbone)
+        self.vocab = LexicalVocabulary.from_tokenizer(self.tokenizer, cfg.lexical.vocab_rule)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # same random towers, LoRA and adapter on every build
+            self.text = TextTower(
+                cfg.text,
+                self.tokenizer,
+                self.vocab,
+                center=cfg.lexical.center_codebooks,
+                device=device,
+            )
+            # Both codebooks start from the same (centred) LM-head rows; only the image one is trained.
+            self.vision = VisionTower(cfg.vision, cfg.lexical, self.text.codebook.detach(), device)
+        self.logit_scale = nn.Parameter(
+            torch.full((1,), math.log(cfg.logit_scale_init), device=self.text.codebook.device)
+        )  # shaped [1] so FSDP2 can shard it
+        self.image_processor = ImageProcessor(
+            cfg.vision.image_size, cfg.vision.resize_size, cfg.vision.mean, cfg.vision.std
+        )
+        if device is not None and device.type != "meta":
+            self.to(device)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.size
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def scale(self) -> Tensor:
+        """The contrastive temperature's inverse, `exp(logit_scale)` clamped to `logit_scale_max`. [1]"""
+        return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
+
+    # ----------------------------------------------------------------------------------- encoding
+    def preprocess(self, images: ImageInput, *, crop: bool = True) -> Tensor:
+        """PIL images or paths -> (B, 3, S, S) pixels for this model's vision tower."""
+        if isinstance(images, Tensor):
+            return images
+        return self.image_processor(images, crop=crop)
+
+    def encode_image_features(self, images: ImageInput, *, crop: bool = True) -> Tensor:
+        """Frozen backbone patch features (cacheable): images -> (B, P, Dv)."""
+        pixels = self.preprocess(images, crop=crop).to(self.device)
+        return self.vision.forward_features(pixels)
+
+    def encode_image(
+        self,
+        images: ImageInput,
+        *,
+        return_patches: bool = False,
+        features: Tensor | None = None,
+        crop: bool = True,
+    ) -> ImageEncoding:
+        """Images (PIL, paths, or a preprocessed (B, 3, S, S) tensor) -> lexical weights.
+
+        Args:
+            images: the images; ignored when `features` (cached backbone outputs) are given.
+            return_patches: also return per-patch weights (B, P, V).
+            features: precomputed backbone patch features (B, P, Dv).
+            crop: centre-crop (True) or resize the whole image to the square input (PatchDis).
+        """
+        if features is None:
+            features = self.encode_image_features(images, crop=crop)
+        image_weights, patch_weights = self.vision(features.to(self.device), return_patches)
+        return ImageEncoding(image_weights, patch_weights)
+
+    def encode_text(self, texts: str | Sequence[str]) -> TextEncoding:
+        """Captions -> (B, V) lexical weights through the in-context prompt."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return TextEncoding(self.text(self.text.forward_features(texts)))
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        texts: Sequence[str] | None = None,
+        image_features: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Training forward: `{"image_weights", "text_weights", "logit_scale"}` for the objective."""
+        out: dict[str, Tensor] = {"logit_scale": self.scale()}
+        if pixel_values is not None or image_features is not None:
+            out["image_weights"] = self.encode_image(
+                pixel_values, features=image_features
+            ).image_weights
+        if texts is not None:
+            out["text_weights"] = self.encode_text(texts).text_weights
+        return out
+
+    # ----------------------------------------------------------------------------------- sparsity
+    def sparsify(self, weights: Tensor, *, mode: str | None = None, max_words: int = 0) -> Tensor:
+        """The configured inference sparsification (threshold 1/sqrt(V) by default); not re-normalised."""
+        lex = self.cfg.lexical
+        return sparsify(
+            weights,
+            mode or lex.sparsify,
+            threshold=lex.threshold,
+            top_k=lex.top_k,
+            max_words=max_words,
+        )
+
+    def to_sparse(
+        self, weights: Tensor, *, mode: str | None = None, max_words: int = 0
+    ) -> SparseLexical:
+        """Sparsified weights in CSR form (indices + values)."""
+        return to_sparse(self.sparsify(weights, mode=mode, max_words=max_words))
+
+    def top_words(self, weights: Tensor, k: int = 20) -> list[list[tuple[str, float]]]:
+        """The `k` heaviest words of each (B, V) vector, as (word, weight) pairs."""
+        values, ids = weights.float().topk(min(k, weights.shape[-1]), dim=-1)
+        return [
+            [
+                (self.vocab.words[i], float(v))
+                for i, v in zip(row_ids.tolist(), row_vals.tolist())
+                if v > 0
+            ]
+            for row_ids, row_vals in zip(ids, values)
+        ]
+
+    # ----------------------------------------------------------------------------------- training
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Name -> parameter for everything that is trained (adapter, image codebook, LoRA, scale)."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable(self) -> dict[str, int]:
+        """Trainable parameter counts by part."""
+        counts = {"adapter": 0, "image_codebook": 0, "lora": 0, "logit_scale": 0}
+        for name, p in self.trainable_parameters().items():
+            part = (
+                "lora"
+                if "lora_" in name
+                else "adapter"
+                if ".adapter." in name
+                else "image_codebook"
+                if name == "vision.codebook"
+                else "logit_scale"
+                if name == "logit_scale"
+                else "other"
+            )
+            counts[part] = counts.get(part, 0) + p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the LLM's activations in the backward pass (memory for time)."""
+        if enable:
+            self.text.llm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            self.text.llm.gradient_checkpointing_disable()
+
+    # ----------------------------------------------------------------------------------- persistence
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config.json, model.safetensors (trained weights), vocab.json and README.md atomically."""
+        from lexvla.models.checkpoint import save_model
+
+        return save_model(self, path)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: torch.device | str | None = None
+    ) -> LexVLA:
+        """Load a model saved by `save_pretrained` (a local folder, or a hub repository name)."""
+        from lexvla.models.checkpoint import load_model
+
+        return load_model(path, device=device)

@@ -1,0 +1,153 @@
+"""The text tower: caption → in-context prompt → causal LLM (+ LoRA) → last hidden state → text codebook.
+
+The last prompt position's final hidden state is what the LM head reads to predict "the next word", i.e.
+the words that describe the caption; the frozen text codebook (the LM-head rows of the kept ids) maps it
+onto the lexical vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from lexvla import assets
+from lexvla.config import TextConfig
+from lexvla.errors import LexVLAError
+from lexvla.layers.lexical import lexical_weights
+from lexvla.layers.lora import apply_lora
+from lexvla.vocab import LexicalVocabulary
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CAPTION_SLOT = "{caption}"
+
+
+def build_llm(cfg: TextConfig, device: torch.device | None = None) -> PreTrainedModel:
+    """The causal LM from pretrained weights, or randomly initialised from `cfg.arch`."""
+    if cfg.dtype not in _DTYPES:
+        raise LexVLAError(f"model.text.dtype {cfg.dtype!r}: use one of {', '.join(_DTYPES)}")
+    dtype = _DTYPES[cfg.dtype]
+    on_meta = device is not None and device.type == "meta"
+    if cfg.pretrained and not on_meta:
+        path = assets.resolve_reference(cfg.backbone)
+        try:
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise LexVLAError(f"cannot load text backbone '{cfg.backbone}': {err}") from None
+    if not cfg.arch:
+        raise LexVLAError(
+            f"text backbone '{cfg.backbone}' is not loaded (pretrained=false or meta device) and "
+            "model.text.arch is empty: give the LlamaConfig fields in model.text.arch"
+        )
+    with torch.device(device or "cpu"):
+        return LlamaForCausalLM(LlamaConfig(**cfg.arch)).to(dtype)
+
+
+def clean_caption(caption: str, index: int = 0) -> str:
+    """Normalise whitespace and control characters; an empty caption is an error naming its position."""
+    if not isinstance(caption, str):
+        raise LexVLAError(f"caption {index} is a {type(caption).__name__}, expected a string")
+    text = " ".join(_CONTROL.sub(" ", caption).split())
+    if not text:
+        raise LexVLAError(f"caption {index} is empty or whitespace only: give some text to encode")
+    return text
+
+
+@dataclass
+class TokenizedPrompts:
+    """Right-padded prompt ids. `last_index[b]` is the position of row b's last real token."""
+
+    input_ids: Tensor  # (B, T)
+    attention_mask: Tensor  # (B, T)
+    last_index: Tensor  # (B,)
+
+
+class TextTower(nn.Module):
+    """Captions → (B, D) last-prompt-token features → (B, V) text weights through the frozen codebook."""
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        vocab: LexicalVocabulary,
+        *,
+        center: bool = True,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if CAPTION_SLOT not in cfg.prompt:
+            raise LexVLAError(f"model.text.prompt must contain {CAPTION_SLOT}: got {cfg.prompt!r}")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        llm = build_llm(cfg, device)
+        llm.requires_grad_(False)
+        if llm.config.vocab_size < vocab.tokenizer_size:
+            raise LexVLAError(
+                f"the LLM has {llm.config.vocab_size} output rows but the tokenizer has "
+                f"{vocab.tokenizer_size} ids: tokenizer and model do not match"
+            )
+        head = llm.get_output_embeddings().weight.detach()  # (vocab, D)
+        rows = head[torch.tensor(vocab.token_ids, device=head.device)].float()  # (V, D)
+        if center:
+            # Remove the shared offset: every caption's logits over the kept words share a large
+            # positive mean, which makes all text vectors nearly parallel (docs/method.md).
+            rows = rows - rows.mean(dim=0, keepdim=True)
+        self.codebook = nn.Parameter(rows, requires_grad=False)  # (V, D), frozen
+        if cfg.use_lora:
+            llm = apply_lora(
+                llm,
+                rank=cfg.lora_rank,
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                targets=cfg.lora_targets,
+            )
+        self.llm = llm
+
+    def _decoder(self) -> nn.Module:
+        return self.llm.get_base_model().model if self.cfg.use_lora else self.llm.model
+
+    def tokenize(self, captions: list[str]) -> TokenizedPrompts:
+        """Wrap each caption in the prompt (caption truncated to `max_caption_tokens`) and tokenize."""
+        if isinstance(captions, str):
+            captions = [captions]
+        if not captions:
+            raise LexVLAError("no captions given to encode")
+        rows = [self.tokenizer(self.prompt_for(c, i))["input_ids"] for i, c in enumerate(captions)]
+        length = max(len(r) for r in rows)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, row in enumerate(rows):
+            input_ids[b, : len(row)] = torch.tensor(row)
+            attention_mask[b, : len(row)] = 1
+        return TokenizedPrompts(input_ids, attention_mask, attention_mask.sum(1) - 1)
+
+    def prompt_for(self, caption: str, index: int = 0) -> str:
+        """The full prompt text of one caption (cleaned, truncated to `max_caption_tokens` tokens)."""
+        text = clean_caption(caption, index)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        if len(offsets) > self.cfg.max_caption_tokens:
+            text = text[: offsets[self.cfg.max_caption_tokens - 1][1]]
+        return self.cfg.prompt.replace(CAPTION_SLOT, text)
+
+    def forward_features(self, captions: list[str]) -> Tensor:
+        """Final hidden state at each caption's last prompt position: list of B captions -> (B, D)."""
+        batch = self.tokenize(captions)
+        device = self.codebook.device
+        out = self._decoder()(
+            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+        )
+        hidden = out.last_hidden_state  # (B, T, D), after the final norm: what the LM head reads
+        rows = torch.arange(hidden.shape[0], device=device)
+        return hidden[rows, batch.last_index.to(device)]  # (B, D)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, D) features -> (B, V) L2-normalised text weights."""
+        return lexical_weights(features.float() @ self.codebook.t())

@@ -1,0 +1,101 @@
+"""The vision tower: frozen DINOv2 → trained adapter → trained image codebook → lexical max-pool.
+
+Only this module (with text.py) imports the vision backbone classes of transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import Dinov2Config, Dinov2Model
+
+from lexvla import assets
+from lexvla.config import LexicalConfig, VisionConfig
+from lexvla.errors import LexVLAError
+from lexvla.layers.adapter import Adapter
+from lexvla.layers.lexical import lexical_max_pool, lexical_weights
+
+
+def build_dinov2(cfg: VisionConfig, device: torch.device | None = None) -> Dinov2Model:
+    """DINOv2 from pretrained weights, or randomly initialised from `cfg.arch` (tests, meta device)."""
+    on_meta = device is not None and device.type == "meta"
+    if cfg.pretrained and not on_meta:
+        path = assets.resolve_reference(cfg.backbone)
+        try:
+            return Dinov2Model.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise LexVLAError(f"cannot load vision backbone '{cfg.backbone}': {err}") from None
+    if not cfg.arch:
+        raise LexVLAError(
+            f"vision backbone '{cfg.backbone}' is not loaded (pretrained=false or meta device) and "
+            "model.vision.arch is empty: give the Dinov2Config fields in model.vision.arch"
+        )
+    with torch.device(device or "cpu"):
+        return Dinov2Model(Dinov2Config(**cfg.arch))
+
+
+class VisionTower(nn.Module):
+    """Image → patch features (frozen) → adapter → patch logits over the vocabulary → image weights.
+
+    Args:
+        cfg: vision settings.
+        lexical: vocabulary/pooling settings.
+        codebook_init: (V, D) initial image codebook (the centred LM-head rows of the kept ids).
+        device: where to build (``meta`` builds without weights).
+    """
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        lexical: LexicalConfig,
+        codebook_init: Tensor,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.lexical = lexical
+        self.backbone = build_dinov2(cfg, device)
+        self.backbone.requires_grad_(not cfg.freeze)
+        width = self.backbone.config.hidden_size
+        heads = cfg.adapter_heads or self.backbone.config.num_attention_heads
+        with torch.device(device or codebook_init.device):
+            self.adapter = Adapter(width, codebook_init.shape[1], heads, cfg.adapter_mlp_ratio)
+        self.codebook = nn.Parameter(codebook_init.clone())  # (V, D), trained
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS plus register tokens that precede the patch tokens."""
+        return 1 + int(getattr(self.backbone.config, "num_register_tokens", 0) or 0)
+
+    def forward_features(self, pixel_values: Tensor) -> Tensor:
+        """Backbone patch tokens (CLS and registers dropped): (B, 3, S, S) -> (B, P, Dv)."""
+        dtype = next(self.backbone.parameters()).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze):
+            hidden = self.backbone(pixel_values=pixel_values.to(dtype)).last_hidden_state
+        return hidden[:, self.num_prefix_tokens :]  # (B, P, Dv)
+
+    def forward_adapter(self, features: Tensor) -> Tensor:
+        """Adapter on patch features: (B, P, Dv) -> (B, P, D)."""
+        return self.adapter(features.to(self.codebook.dtype))
+
+    def pooled_logits(self, hidden: Tensor) -> Tensor:
+        """Max over patches of the patch logits: (B, P, D) -> (B, V)."""
+        return lexical_max_pool(
+            hidden,
+            self.codebook,
+            impl=self.lexical.pooling,
+            chunk_size=self.lexical.pool_chunk_size,
+        )
+
+    def patch_logits(self, hidden: Tensor) -> Tensor:
+        """Per-patch lexical logits: (B, P, D) -> (B, P, V). Memory: B·P·V floats."""
+        return hidden @ self.codebook.t()
+
+    def forward(
+        self, features: Tensor, return_patches: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """From cached or fresh patch features to (image_weights (B, V), patch_weights (B, P, V) | None)."""
+        hidden = self.forward_adapter(features)  # (B, P, D)
+        image_weights = lexical_weights(self.pooled_logits(hidden))  # (B, V)
+        patch_weights = lexical_weights(self.patch_logits(hidden)) if return_patches else None
+        return image_weights, patch_weights

@@ -1,0 +1,179 @@
+"""Named presets: configs as code, found by name (timm's `@register_model`, typed).
+
+- ``tiny``: random-initialised towers of the real classes (Dinov2Model, LlamaForCausalLM) from a fixed
+  seed with the built-in word-level tokenizer; builds and runs in well under a second (tests, smoke runs).
+- ``small-offline``: DINOv2-S/14 + SmolLM2-135M prepared by ``lexvla assets prepare`` (runs on a CPU).
+- ``paper``: DINOv2-L/14 + Llama-2-7B as in the paper, by hub name. The architecture values are written
+  here so the model can be built on the ``meta`` device (sizes, parameter counts) without a download.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lexvla.config import (
+    DataConfig,
+    ExperimentConfig,
+    LexicalConfig,
+    LossConfig,
+    ModelConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+)
+from lexvla.errors import LexVLAError
+
+_PRESETS: dict[str, Callable[[], ExperimentConfig]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_preset(name: str, description: str) -> Callable:
+    """Decorator: register a function returning an ExperimentConfig under `name`."""
+
+    def decorator(fn: Callable[[], ExperimentConfig]) -> Callable[[], ExperimentConfig]:
+        _PRESETS[name] = fn
+        _DESCRIPTIONS[name] = description
+        return fn
+
+    return decorator
+
+
+def list_presets() -> dict[str, str]:
+    """Preset names with one-line descriptions."""
+    return dict(_DESCRIPTIONS)
+
+
+def get_preset(name: str) -> ExperimentConfig:
+    """A fresh ExperimentConfig for preset `name`."""
+    if name not in _PRESETS:
+        raise LexVLAError(f"unknown preset '{name}'. Available presets: {', '.join(_PRESETS)}")
+    return _PRESETS[name]()
+
+
+TINY_DINOV2 = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "mlp_ratio": 2,
+    "patch_size": 14,
+    "image_size": 56,
+    "layerscale_value": 1.0,
+}
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 3840,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "bos_token_id": 2,
+    "eos_token_id": 3,
+}
+# DINOv2 ViT-L/14 (facebook/dinov2-large) and Llama-2-7B (meta-llama/Llama-2-7b-hf), from their configs.
+DINOV2_LARGE = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "mlp_ratio": 4,
+    "patch_size": 14,
+    "image_size": 518,
+    "layerscale_value": 1.0,
+    "use_swiglu_ffn": False,
+}
+LLAMA2_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+@register_preset("tiny", "random-init tiny towers of the real classes; for tests and smoke runs")
+def tiny() -> ExperimentConfig:
+    model = ModelConfig(
+        vision=VisionConfig(
+            backbone="tiny-dinov2",
+            pretrained=False,
+            arch=dict(TINY_DINOV2),
+            image_size=56,
+            resize_size=64,
+        ),
+        text=TextConfig(
+            backbone="tiny-llama",
+            tokenizer="builtin:tiny-words",
+            pretrained=False,
+            arch=dict(TINY_LLAMA),
+            use_lora=True,
+            lora_rank=4,
+            lora_alpha=8.0,
+            max_caption_tokens=32,
+        ),
+        lexical=LexicalConfig(pool_chunk_size=1024),
+    )
+    train = TrainConfig(
+        steps=20, batch_size=8, warmup_steps=2, log_every=1, save_every=10, cache_features=False
+    )
+    return ExperimentConfig(
+        model=model,
+        data=DataConfig(path="synthetic:64"),
+        train=train,
+        loss=LossConfig(penalty_warmup_steps=5),
+    )
+
+
+@register_preset(
+    "small-offline", "DINOv2-S/14 + SmolLM2-135M from the offline cache; runs on a CPU"
+)
+def small_offline() -> ExperimentConfig:
+    # Known-good small-scale recipe (docs/method.md): frozen towers, no LoRA, centred codebooks,
+    # batch 32, AdamW 1e-3 (adapter, temperature) / 1e-4 (image codebook), 20-step warm-up, cosine.
+    model = ModelConfig(
+        vision=VisionConfig(backbone="offline:dinov2-small"),
+        text=TextConfig(backbone="offline:smollm2-135m", use_lora=False),
+    )
+    train = TrainConfig(steps=100, batch_size=32, lr=1e-3, codebook_lr=1e-4, warmup_steps=20)
+    return ExperimentConfig(model=model, train=train, data=DataConfig(holdout=16))
+
+
+@register_preset("paper", "DINOv2-L/14 + Llama-2-7B with LoRA r=20, as in the paper (GPUs, hub)")
+def paper() -> ExperimentConfig:
+    model = ModelConfig(
+        vision=VisionConfig(backbone="facebook/dinov2-large", arch=dict(DINOV2_LARGE)),
+        text=TextConfig(
+            backbone="meta-llama/Llama-2-7b-hf",
+            arch=dict(LLAMA2_7B),
+            use_lora=True,
+            lora_rank=20,
+            lora_alpha=40.0,
+            dtype="bfloat16",
+        ),
+    )
+    # Not public in the paper: standard CLIP fine-tuning values, per GPU batch on 8 x A100-40GB.
+    train = TrainConfig(
+        steps=20000,
+        batch_size=64,
+        lr=2e-4,
+        codebook_lr=2e-5,
+        warmup_steps=1000,
+        grad_checkpointing=True,
+        precision="bf16",
+        log_every=20,
+        save_every=1000,
+        cache_features=False,
+    )
+    return ExperimentConfig(
+        model=model,
+        train=train,
+        loss=LossConfig(penalty_warmup_steps=2000),
+        data=DataConfig(num_workers=8),
+    )

@@ -1,0 +1,146 @@
+"""The lexical vocabulary: which LLM tokens are dimensions of the lexical space, and their display words.
+
+The vocabulary is the text LLM's tokenizer vocabulary filtered to meaningful tokens (docs/method.md):
+
+- rule ``"pieces"`` (default): the token, with an optional word-start marker, is 2+ lower-case ASCII
+  letters (``▁?[a-z]{2,}`` / ``Ġ?[a-z]{2,}``): 17,182 ids on Llama 2, 33,116 on SmolLM2;
+- rule ``"word-start"``: only tokens that start a word (``▁[a-z]{2,}`` / ``Ġ[a-z]{2,}``): 21,504 on SmolLM2.
+
+Works for SentencePiece (``▁``), byte-level BPE (``Ġ``) and word-level tokenizers (no marker: every
+token starts a word). A word-start token displays as the plain word ("room"); a continuation piece as
+``##room``, so every kept id has a unique display string (used by the index and exports).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lexvla.errors import LexVLAError
+
+RULES = ("pieces", "word-start")
+SENTENCEPIECE_MARKER = "\u2581"  # ▁
+BYTE_LEVEL_MARKER = "\u0120"  # Ġ
+CONTINUATION_PREFIX = "##"
+_LETTERS = re.compile(r"[a-z]{2,}")
+
+
+def detect_marker(tokens: Iterable[str]) -> str:
+    """The word-start marker of a tokenizer's vocabulary: "▁", "Ġ", or "" for word-level vocabularies."""
+    counts = {SENTENCEPIECE_MARKER: 0, BYTE_LEVEL_MARKER: 0}
+    for token in tokens:
+        if token[:1] in counts:
+            counts[token[:1]] += 1
+    marker, count = max(counts.items(), key=lambda item: item[1])
+    return marker if count > 0 else ""
+
+
+@dataclass(frozen=True)
+class LexicalVocabulary:
+    """Kept token ids (the lexical dimensions, in increasing id order) and their display words."""
+
+    token_ids: tuple[int, ...]  # (V,) tokenizer ids of the kept tokens
+    words: tuple[str, ...]  # (V,) unique display strings
+    rule: str
+    tokenizer_size: int
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.words):
+            raise ValueError("token_ids and words must have the same length")
+        if len(set(self.words)) != len(self.words):
+            raise ValueError("display words must be unique")
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def size(self) -> int:
+        return len(self.token_ids)
+
+    @classmethod
+    def from_token_map(
+        cls, token_to_id: Mapping[str, int], rule: str = "pieces"
+    ) -> LexicalVocabulary:
+        """Filter a tokenizer's `{token: id}` map with `rule` ("pieces" or "word-start")."""
+        if rule not in RULES:
+            raise LexVLAError(f"unknown vocabulary rule {rule!r}: use one of {', '.join(RULES)}")
+        marker = detect_marker(token_to_id)
+        kept: list[tuple[int, str]] = []
+        for token, token_id in token_to_id.items():
+            starts_word = not marker or token.startswith(marker)
+            body = token[len(marker) :] if marker and starts_word else token
+            if not _LETTERS.fullmatch(body) or (rule == "word-start" and not starts_word):
+                continue
+            kept.append((token_id, body if starts_word else CONTINUATION_PREFIX + body))
+        kept.sort()
+        if not kept:
+            raise LexVLAError(
+                "the tokenizer has no token made of 2+ lower-case letters: cannot build a vocabulary"
+            )
+        ids, words = zip(*kept)
+        return cls(tuple(ids), tuple(words), rule, max(token_to_id.values()) + 1)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: object, rule: str = "pieces") -> LexicalVocabulary:
+        """Build from any Hugging Face tokenizer (anything with `get_vocab()`)."""
+        get_vocab = getattr(tokenizer, "get_vocab", None)
+        if get_vocab is None:
+            raise LexVLAError(f"{type(tokenizer).__name__} has no get_vocab(): not a tokenizer")
+        return cls.from_token_map(get_vocab(), rule)
+
+    def fingerprint(self) -> str:
+        """A short hash of (ids, words): two vocabularies with the same fingerprint are interchangeable."""
+        payload = json.dumps([self.token_ids, self.words], separators=(",", ":")).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+    def index_of(self, word: str) -> int:
+        """Lexical dimension of a display word (raises LexVLAError with suggestions when unknown)."""
+        lookup = self._lookup()
+        if word in lookup:
+            return lookup[word]
+        close = [w for w in (word.lower(), word.lower().strip("#")) if w in lookup]
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise LexVLAError(f"'{word}' is not in the lexical vocabulary ({self.size} words).{hint}")
+
+    def _lookup(self) -> dict[str, int]:
+        cached = self.__dict__.get("_lookup_cache")
+        if cached is None:
+            cached = {word: i for i, word in enumerate(self.words)}
+            object.__setattr__(self, "_lookup_cache", cached)
+        return cached
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "rule": self.rule,
+            "tokenizer_size": self.tokenizer_size,
+            "size": self.size,
+            "fingerprint": self.fingerprint(),
+            "token_ids": list(self.token_ids),
+            "words": list(self.words),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> LexicalVocabulary:
+        try:
+            return cls(
+                tuple(int(i) for i in data["token_ids"]),  # type: ignore[union-attr]
+                tuple(str(w) for w in data["words"]),  # type: ignore[union-attr]
+                str(data["rule"]),
+                int(data["tokenizer_size"]),  # type: ignore[arg-type]
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise LexVLAError(f"invalid vocabulary record: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LexicalVocabulary:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as err:
+            raise LexVLAError(f"cannot read vocabulary file {path}: {err}") from None
