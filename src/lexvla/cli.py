@@ -146,6 +146,48 @@ def demo(
     run_demo(data_dir=data, out_dir=out, num_images=num_images, console=console)
 
 
+@app.command()
+def train(
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder (checkpoints, logs, final model).")
+    ],
+    preset: Annotated[
+        str, typer.Option(help="Preset to start from (see `lexvla presets`).")
+    ] = "small-offline",
+    data: Annotated[
+        str | None,
+        typer.Option(help="Training data: caption JSON, CSV/TSV, tar shards or synthetic[:N]."),
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Image folder for caption JSON / CSV.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A full config JSON (e.g. a run's config.json).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override: key=value (repeatable).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the run folder's last checkpoint.")
+    ] = False,
+) -> None:
+    """Train a LexVLA model (one process, or many under torchrun).
+
+    Example: [bold]lexvla train --preset small-offline --data coco/captions.json
+    --images coco/train2017 --out runs/a --set train.steps=40[/bold]
+    """
+    from lexvla.train.loop import fit
+    from lexvla.train.setup import experiment_config
+
+    cfg = experiment_config(preset, config=config, data=data, images=images, overrides=set_ or [])
+    state = fit(cfg, out, resume=resume)
+    console.print(f"[green]done[/green]: {state.step} steps, model in {out / 'model'}")
+    if state.skipped_samples:
+        console.print(
+            f"[yellow]skipped {state.skipped_samples} unreadable samples[/yellow] (see {out}/summary.json)"
+        )
+
+
 def main() -> None:
     """Entry point of the `lexvla` script."""
     try:

@@ -8,11 +8,13 @@ half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,29 +40,39 @@ WEIGHTS = "model.safetensors"
 def save_model(model: LexVLA, path: str | Path) -> Path:
     """Write `model` to folder `path` atomically (replacing an existing checkpoint there)."""
     path = Path(path)
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp)
+    return path
+
+
+def write_model_files(model: LexVLA, folder: Path) -> None:
+    """config.json, model.safetensors (trained parameters), vocab.json and README.md into `folder`."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_parameters().items()}
+    save_file(tensors, folder / WEIGHTS, metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lexvla_version": __version__,
+        "architecture": "LexVLA",
+        "vocab_size": model.vocab_size,
+        "model": to_dict(model.cfg),
+    }
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    model.vocab.save(folder / "vocab.json")
+    (folder / "README.md").write_text(model_card(model), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `path`, on failure it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        tensors = {
-            k: v.detach().cpu().contiguous() for k, v in model.trainable_parameters().items()
-        }
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT})
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "lexvla_version": __version__,
-            "architecture": "LexVLA",
-            "vocab_size": model.vocab_size,
-            "model": to_dict(model.cfg),
-        }
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        model.vocab.save(tmp / "vocab.json")
-        (tmp / "README.md").write_text(model_card(model), encoding="utf-8")
+        yield tmp
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -165,7 +177,11 @@ def model_card(model: LexVLA) -> str:
     """A short model card: backbones, vocabulary, trained parts and licences."""
     cfg = model.cfg
     counts = model.num_trainable()
-    lora = f"LoRA r={cfg.text.lora_rank}: {counts['lora']:,} params" if cfg.text.use_lora else "no (frozen)"
+    lora = (
+        f"LoRA r={cfg.text.lora_rank}: {counts['lora']:,} params"
+        if cfg.text.use_lora
+        else "no (frozen)"
+    )
     return f"""# LexVLA checkpoint
 
 Interpretable image-text model: images and texts are sparse, non-negative vectors over {model.vocab_size:,}

@@ -1,1 +1,1 @@
-"""train."""
+"""Training: the loop (`fit`), optimiser, checkpoints, frozen-feature caches and distributed helpers."""

@@ -1,0 +1,126 @@
+"""Training checkpoints: `run_dir/checkpoints/step_N/` = a model checkpoint + optimiser + scheduler state.
+
+Everything is safetensors or JSON (never pickle); each checkpoint folder is written to a temporary
+sibling and renamed into place, and only the newest `keep` are kept. A step folder is itself a model
+checkpoint, so `--model RUN_DIR` and `--model RUN_DIR/checkpoints/step_N` both work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lexvla.errors import LexVLAError
+from lexvla.models.checkpoint import atomic_dir, load_trained_weights, write_model_files
+from lexvla.models.lexvla import LexVLA
+
+logger = logging.getLogger(__name__)
+_STEP = re.compile(r"step_(\d+)")
+OPTIMIZER = "optimizer.safetensors"
+STATE = "trainer_state.json"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def feature_cache_root(run_dir: Path) -> Path:
+    """Frozen features are shared by runs: `$LEXVLA_CACHE/features` (default ~/.cache/lexvla)."""
+    root = os.environ.get("LEXVLA_CACHE") or str(Path.home() / ".cache" / "lexvla")
+    return Path(root) / "features"
+
+
+def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
+    """Completed checkpoints of a run, oldest first."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("step_*"):
+        match = _STEP.fullmatch(path.name)
+        if match and (path / STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _optimizer_tensors(model: LexVLA, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    names = {id(p): n for n, p in model.trainable_parameters().items()}
+    tensors = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            tensors[f"{names[id(param)]}::{key}"] = (
+                torch.as_tensor(value).detach().cpu().contiguous()
+            )
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return tensors, groups
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: LexVLA,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    keep: int = 2,
+    extra: dict | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically and prune older ones beyond `keep`."""
+    folder = run_dir / "checkpoints" / f"step_{step:07d}"
+    with atomic_dir(folder) as tmp:
+        write_model_files(model, tmp)
+        tensors, groups = _optimizer_tensors(model, optimizer)
+        save_file(tensors, str(tmp / OPTIMIZER))
+        state = {
+            "step": step,
+            "param_groups": groups,
+            "scheduler": scheduler.state_dict(),
+            **(extra or {}),
+        }
+        (tmp / STATE).write_text(json.dumps(state, indent=2, default=float), encoding="utf-8")
+    for _, old in checkpoint_steps(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved checkpoint %s", folder)
+    return folder
+
+
+def load_latest(
+    run_dir: Path,
+    model: LexVLA,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> int:
+    """Restore the newest checkpoint of `run_dir` into model/optimizer/scheduler; returns its step."""
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        logger.info("no checkpoint in %s: starting from step 0", run_dir)
+        return 0
+    step, folder = steps[-1]
+    load_trained_weights(model, folder / "model.safetensors")
+    _load_optimizer(folder, model, optimizer)
+    state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    scheduler.load_state_dict(state["scheduler"])
+    logger.info("resumed from %s (step %d)", folder, step)
+    return int(state["step"])
+
+
+def _load_optimizer(folder: Path, model: LexVLA, optimizer: torch.optim.Optimizer) -> None:
+    tensors = load_file(str(folder / OPTIMIZER))
+    state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    params = model.trainable_parameters()
+    for name, param in params.items():
+        entries = {
+            k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name
+        }
+        if entries:
+            optimizer.state[param] = {k: v.to(param.device) for k, v in entries.items()}
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        raise LexVLAError(f"{folder}: optimizer groups do not match this model's; cannot resume")
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        group.update(saved)

@@ -1,0 +1,277 @@
+"""`fit`: the training loop, one process or many (torchrun), made of small named steps.
+
+Determinism and exact resume: the batch of step `s` (which images, which of their captions) and every
+random draw inside the step (dropout) are functions of `(seed, s)` only, so a run resumed from the
+checkpoint of step `s` continues exactly as the uninterrupted run would have.
+Under DDP, `train.batch_size` is the GLOBAL batch: rank r takes every world_size-th sample of it, the
+lexical vectors are gathered (with gradient) and the loss and its penalties use the global batch, so one
+process and N processes compute the same loss and the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lexvla.config import ExperimentConfig, to_json
+from lexvla.errors import LexVLAError
+from lexvla.losses import LexVLAObjective
+from lexvla.models.lexvla import LexVLA
+from lexvla.train import checkpoint as ckpt
+from lexvla.train.batches import BatchSource
+from lexvla.train.distributed import DistInfo, all_gather_with_grad, cleanup, init_distributed
+from lexvla.train.features import ImageFeatureCache, TextFeatureCache, module_fingerprint
+from lexvla.train.optim import create_optimizer, create_scheduler
+from lexvla.train.runlog import RunLogger
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """What a training run has produced so far."""
+
+    step: int = 0
+    skipped_samples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    eval_results: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Trainer:
+    """Holds the pieces of a run; `fit` drives it."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    dist: DistInfo
+    model: LexVLA
+    ddp_model: torch.nn.Module
+    objective: LexVLAObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batches: BatchSource
+    image_cache: ImageFeatureCache | None
+    text_cache: TextFeatureCache | None
+    log: RunLogger
+    state: TrainState
+
+
+def fit(
+    cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True
+) -> TrainState:
+    """Train a LexVLA model as configured; write checkpoints, logs and the final model under `run_dir`.
+
+    Returns the final TrainState (step, skipped samples, last metrics, evaluation results).
+    """
+    trainer = build_trainer(cfg, Path(run_dir), resume=resume, progress=progress)
+    try:
+        run_steps(trainer)
+        finish(trainer)
+    finally:
+        trainer.log.close()
+        cleanup()
+    return trainer.state
+
+
+def build_trainer(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progress: bool) -> Trainer:
+    dist = init_distributed(cfg.train.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.rank == 0:
+        ckpt.write_text_atomic(run_dir / "config.json", to_json(cfg))
+    model = LexVLA(cfg.model, device=dist.device)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing and cfg.model.text.use_lora)
+    optimizer = create_optimizer(model.trainable_parameters(), cfg.train)
+    scheduler = create_scheduler(optimizer, cfg.train)
+    state = TrainState()
+    if resume:
+        state.step = ckpt.load_latest(run_dir, model, optimizer, scheduler)
+    image_cache, text_cache = _feature_caches(cfg, model, run_dir)
+    return Trainer(
+        cfg=cfg,
+        run_dir=run_dir,
+        dist=dist,
+        model=model,
+        ddp_model=_wrap(model, dist),
+        objective=LexVLAObjective(cfg.loss, max_scale=cfg.model.logit_scale_max),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=BatchSource(cfg.data, cfg.train, dist.rank, dist.world_size, model.image_processor),
+        image_cache=image_cache,
+        text_cache=text_cache,
+        log=RunLogger(
+            run_dir,
+            cfg.train.steps,
+            start_step=state.step,
+            enabled=dist.rank == 0,
+            progress=progress,
+        ),
+        state=state,
+    )
+
+
+def _wrap(model: LexVLA, dist: DistInfo) -> torch.nn.Module:
+    if dist.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _feature_caches(
+    cfg: ExperimentConfig, model: LexVLA, run_dir: Path
+) -> tuple[ImageFeatureCache | None, TextFeatureCache | None]:
+    if not cfg.train.cache_features:
+        return None, None
+    image_cache = None
+    if cfg.model.vision.freeze:
+        vision = cfg.model.vision
+        preprocessing = [vision.image_size, vision.resize_size, vision.mean, vision.std]
+        fingerprint = module_fingerprint(model.vision.backbone, preprocessing)
+        image_cache = ImageFeatureCache(ckpt.feature_cache_root(run_dir), fingerprint)
+    text_cache = TextFeatureCache() if not cfg.model.text.use_lora else None
+    return image_cache, text_cache
+
+
+def run_steps(t: Trainer) -> None:
+    """The optimisation loop from the current step to `train.steps`."""
+    cfg = t.cfg.train
+    t.model.train()
+    while t.state.step < cfg.steps:
+        start = time.perf_counter()
+        metrics = train_step(t, t.state.step)
+        t.state.step += 1
+        metrics["time/step_s"] = time.perf_counter() - start
+        metrics["lr"] = t.scheduler.get_last_lr()[0]
+        t.state.metrics = metrics
+        t.log.step(
+            t.state.step,
+            metrics,
+            log=t.state.step % cfg.log_every == 0 or t.state.step == cfg.steps,
+        )
+        if cfg.save_every and t.state.step % cfg.save_every == 0 and t.state.step < cfg.steps:
+            save(t)
+        if cfg.eval_every and t.state.step % cfg.eval_every == 0 and t.state.step < cfg.steps:
+            evaluate(t)
+
+
+def train_step(t: Trainer, step: int) -> dict[str, float]:
+    """One optimiser step (with gradient accumulation) on the batch of `step`."""
+    torch.manual_seed(t.cfg.train.seed * 1_000_003 + step)  # dropout etc.: a function of the step
+    batch = t.batches.batch(step)
+    t.state.skipped_samples = t.batches.skipped
+    accum = max(1, t.cfg.train.grad_accum)
+    totals: dict[str, float] = {}
+    for micro in batch.split(accum):
+        with _autocast(t):
+            losses = _forward_losses(t, micro, step)
+        (losses["loss"] / accum).backward()
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+    if t.cfg.train.grad_clip > 0:
+        params = list(t.model.trainable_parameters().values())
+        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.cfg.train.grad_clip))
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    totals["samples"] = float(len(batch) * t.dist.world_size)
+    return totals
+
+
+def _autocast(t: Trainer) -> torch.autocast:
+    precision = t.cfg.train.precision
+    device_type = t.dist.device.type
+    use_bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise LexVLAError(f"train.precision {precision!r}: use auto, bf16 or fp32")
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _forward_losses(t: Trainer, micro: Any, step: int) -> dict[str, Tensor]:
+    """Encode a micro-batch, gather across processes, apply the objective."""
+    image_weights = _image_weights(t, micro.pixels)
+    text_weights = _text_weights(t, micro.captions)
+    if t.dist.world_size > 1:
+        image_weights = all_gather_with_grad(image_weights)  # (global B, V)
+        text_weights = all_gather_with_grad(text_weights)
+    return t.objective(image_weights.float(), text_weights.float(), t.model.scale(), step)
+
+
+def _image_weights(t: Trainer, pixels: Tensor) -> Tensor:
+    device = t.dist.device
+    if t.image_cache is not None:
+        features = t.image_cache.get(
+            pixels, lambda px: t.model.vision.forward_features(px.to(device))
+        )
+        return t.model.vision(features.to(device))[0]
+    return t.model.vision(t.model.vision.forward_features(pixels.to(device)))[0]
+
+
+def _text_weights(t: Trainer, captions: list[str]) -> Tensor:
+    if t.text_cache is not None:
+        features = t.text_cache.get(captions, t.model.text.forward_features)
+        return t.model.text(features.to(t.dist.device))
+    return t.model.text(t.model.text.forward_features(captions))
+
+
+def save(t: Trainer) -> None:
+    if t.dist.rank == 0:
+        ckpt.save_checkpoint(
+            t.run_dir,
+            t.state.step,
+            t.model,
+            t.optimizer,
+            t.scheduler,
+            keep=t.cfg.train.keep_checkpoints,
+            extra={"skipped_samples": t.state.skipped_samples},
+        )
+    from lexvla.train.distributed import barrier
+
+    barrier()
+
+
+def evaluate(t: Trainer) -> dict[str, Any]:
+    """Retrieval on the held-out images (if any); results are logged and kept in the state."""
+    holdout = t.batches.holdout
+    if holdout is None or len(holdout) == 0 or t.dist.rank != 0:
+        return {}
+    from lexvla.eval.retrieval import evaluate_retrieval
+
+    t.model.eval()
+    with torch.no_grad():
+        result = evaluate_retrieval(
+            t.model, holdout, batch_size=t.cfg.eval.batch_size, progress=False
+        )
+    t.model.train()
+    t.state.eval_results = result
+    t.log.eval(t.state.step, {k: v for k, v in result.items() if isinstance(v, int | float)})
+    return result
+
+
+def finish(t: Trainer) -> None:
+    """Final evaluation, final model in `run_dir/model`, a summary in `run_dir/summary.json`."""
+    evaluate(t)
+    if t.dist.rank != 0:
+        return
+    t.model.save_pretrained(t.run_dir / "model")
+    summary = {
+        "steps": t.state.step,
+        "skipped_samples": t.state.skipped_samples,
+        "skipped_files": sorted(t.batches.skipped_files)[:100],
+        "final_metrics": t.state.metrics,
+        "eval": t.state.eval_results,
+        "trainable_parameters": t.model.num_trainable(),
+        "world_size": t.dist.world_size,
+    }
+    ckpt.write_text_atomic(t.run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    if t.state.skipped_samples:
+        logger.warning(
+            "skipped %d unreadable samples (listed in summary.json)", t.state.skipped_samples
+        )

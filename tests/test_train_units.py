@@ -1,0 +1,99 @@
+"""Trainer building blocks: schedule, parameter groups, feature caches, metrics log, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lexvla.config import TrainConfig
+from lexvla.train.features import ImageFeatureCache, TextFeatureCache, module_fingerprint
+from lexvla.train.optim import cosine_with_warmup, create_optimizer, parameter_groups
+from lexvla.train.runlog import RunLogger
+
+
+def test_cosine_with_warmup_values():
+    assert cosine_with_warmup(0, 4, 104) == pytest.approx(0.25)
+    assert cosine_with_warmup(3, 4, 104) == pytest.approx(1.0)
+    assert cosine_with_warmup(4, 4, 104) == pytest.approx(1.0)
+    assert cosine_with_warmup(54, 4, 104) == pytest.approx(0.5)
+    assert cosine_with_warmup(104, 4, 104) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_with_warmup(500, 4, 104) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_with_warmup(10, 0, 20) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_parameter_groups_exclude_norms_biases_and_temperature(tiny_model):
+    cfg = TrainConfig(lr=1e-3, codebook_lr=1e-4, weight_decay=0.1)
+    groups = {g["name"]: g for g in parameter_groups(tiny_model.trainable_parameters(), cfg)}
+    names = {id(p): n for n, p in tiny_model.trainable_parameters().items()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert "logit_scale" in no_decay
+    assert all(n.endswith(".bias") or "norm" in n or n == "logit_scale" for n in no_decay)
+    assert not any(n.endswith(".bias") or "norm" in n for n in decay)
+    assert [names[id(p)] for p in groups["codebook"]["params"]] == ["vision.codebook"]
+    assert groups["codebook"]["lr"] == 1e-4 and groups["decay"]["weight_decay"] == 0.1
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(tiny_model.trainable_parameters())
+    assert isinstance(create_optimizer(tiny_model.trainable_parameters(), cfg), torch.optim.AdamW)
+
+
+def test_image_feature_cache_computes_each_image_once(tmp_path):
+    calls = []
+
+    def compute(pixels):
+        calls.append(len(pixels))
+        return pixels.mean(dim=(2, 3)).unsqueeze(1).repeat(1, 4, 1)  # (B, 4, 3)
+
+    pixels = torch.randn(3, 3, 8, 8)
+    cache = ImageFeatureCache(tmp_path, "fp")
+    first = cache.get(pixels, compute)
+    again = cache.get(torch.cat([pixels[1:], torch.randn(1, 3, 8, 8)]), compute)
+    assert calls == [3, 1]
+    torch.testing.assert_close(again[:2], first[1:])
+    fresh = ImageFeatureCache(tmp_path, "fp", memory=False)  # from disk only
+    torch.testing.assert_close(fresh.get(pixels, compute), first)
+    assert calls == [3, 1] and fresh.hits == 3
+    assert ImageFeatureCache(tmp_path, "other").get(pixels[:1], compute).shape == (1, 4, 3)
+    assert calls == [3, 1, 1]  # another fingerprint never reuses these features
+
+
+def test_text_feature_cache():
+    calls = []
+
+    def compute(captions):
+        calls.append(list(captions))
+        return torch.tensor([[float(len(c))] for c in captions])
+
+    cache = TextFeatureCache()
+    out = cache.get(["ab", "c", "ab"], compute)
+    assert out.squeeze(1).tolist() == [2.0, 1.0, 2.0] and calls == [["ab", "c"]]
+    cache.get(["c"], compute)
+    assert len(calls) == 1
+
+
+def test_module_fingerprint_changes_with_weights():
+    layer = torch.nn.Linear(4, 4)
+    before = module_fingerprint(layer, [224])
+    assert module_fingerprint(layer, [224]) == before and module_fingerprint(layer, [256]) != before
+    with torch.no_grad():
+        layer.weight[0, 0] += 1
+    assert module_fingerprint(layer, [224]) != before
+
+
+def test_run_logger_drops_steps_after_resume_point(tmp_path):
+    log = RunLogger(tmp_path, 10, progress=False)
+    for step in range(1, 6):
+        log.step(step, {"loss": 1.0 / step, "samples": 4.0}, log=True)
+    log.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')  # torn line of a killed process
+    log = RunLogger(tmp_path, 10, start_step=3, progress=False)
+    log.step(4, {"loss": 0.5, "samples": 4.0}, log=True)
+    log.close()
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]
