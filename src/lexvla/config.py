@@ -61,6 +61,8 @@ class TextConfig:
     # The in-context lexical-prediction prompt; `{caption}` is replaced by the caption.
     prompt: str = DEFAULT_PROMPT
     max_caption_tokens: int = 64  # longer captions are truncated (never an error)
+    # Run the prompt prefix (identical for every caption) once and reuse its keys/values.
+    prefix_cache: bool = True
     use_lora: bool = True
     lora_rank: int = 20
     lora_alpha: float = 40.0

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lexvla import assets
 from lexvla.config import TextConfig
@@ -57,6 +63,12 @@ def clean_caption(caption: str, index: int = 0) -> str:
     if not text:
         raise LexVLAError(f"caption {index} is empty or whitespace only: give some text to encode")
     return text
+
+
+def _starts_with(input_ids: Tensor, prefix_ids: Tensor) -> bool:
+    """Whether every row of (B, T) ids begins with the (K,) prefix ids and has a token after them."""
+    K = len(prefix_ids)
+    return input_ids.shape[1] > K and bool((input_ids[:, :K] == prefix_ids).all())
 
 
 @dataclass
@@ -108,6 +120,9 @@ class TextTower(nn.Module):
                 targets=cfg.lora_targets,
             )
         self.llm = llm
+        self._prefix_token_ids: Tensor | None = None
+        self._prefix_cache: list[tuple[Tensor, Tensor]] | None = None
+        self._prefix_cache_key: tuple | None = None
 
     def _decoder(self) -> nn.Module:
         return self.llm.get_base_model().model if self.cfg.use_lora else self.llm.model
@@ -138,8 +153,18 @@ class TextTower(nn.Module):
         return self.cfg.prompt.replace(CAPTION_SLOT, text)
 
     def forward_features(self, captions: list[str]) -> Tensor:
-        """Final hidden state at each caption's last prompt position: list of B captions -> (B, D)."""
+        """Final hidden state at each caption's last prompt position: list of B captions -> (B, D).
+
+        With `prefix_cache`, the prompt prefix is run once and its keys/values reused; the result equals
+        the uncached path (rows whose tokens do not start with the prefix tokens fall back to it).
+        """
         batch = self.tokenize(captions)
+        prefix_ids = self._prefix_ids() if self.cfg.prefix_cache else None
+        if prefix_ids is not None and _starts_with(batch.input_ids, prefix_ids):
+            return self._forward_with_prefix(batch, prefix_ids)
+        return self._forward_full(batch)
+
+    def _forward_full(self, batch: TokenizedPrompts) -> Tensor:
         device = self.codebook.device
         out = self._decoder()(
             input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
@@ -147,6 +172,58 @@ class TextTower(nn.Module):
         hidden = out.last_hidden_state  # (B, T, D), after the final norm: what the LM head reads
         rows = torch.arange(hidden.shape[0], device=device)
         return hidden[rows, batch.last_index.to(device)]  # (B, D)
+
+    def _prefix_ids(self) -> Tensor | None:
+        """Token ids of the prompt text before the caption (with the tokenizer's leading specials)."""
+        if self._prefix_token_ids is None:
+            prefix = self.cfg.prompt.split(CAPTION_SLOT, 1)[0]
+            self._prefix_token_ids = torch.tensor(
+                self.tokenizer(prefix)["input_ids"], dtype=torch.long
+            )
+        return self._prefix_token_ids if len(self._prefix_token_ids) > 0 else None
+
+    def _prefix_kv(self, prefix_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per-layer (keys, values) of the prefix, each (1, H_kv, K, D/H). Reused while the LLM's
+        trainable weights are unchanged and no gradient is needed; recomputed (once per batch) otherwise."""
+        trainable = [p for p in self.llm.parameters() if p.requires_grad]
+        key = (tuple(prefix_ids.tolist()), tuple(p._version for p in trainable), self.codebook.device)
+        needs_grad = torch.is_grad_enabled() and bool(trainable)
+        if not needs_grad and self._prefix_cache_key == key and self._prefix_cache is not None:
+            return self._prefix_cache
+        out = self._decoder()(input_ids=prefix_ids[None].to(self.codebook.device), use_cache=True)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        if not needs_grad:
+            self._prefix_cache, self._prefix_cache_key = (
+                [(k.detach(), v.detach()) for k, v in layers],
+                key,
+            )
+        return layers
+
+    def _forward_with_prefix(self, batch: TokenizedPrompts, prefix_ids: Tensor) -> Tensor:
+        device = self.codebook.device
+        B, K = batch.input_ids.shape[0], len(prefix_ids)
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+                for k, v in self._prefix_kv(prefix_ids)
+            ],
+            config=self.llm.config,
+        )
+        rest_ids = batch.input_ids[:, K:].to(device)  # (B, T - K): caption and suffix tokens
+        T_rest = rest_ids.shape[1]
+        attention_mask = torch.cat(
+            [torch.ones(B, K, dtype=torch.long), batch.attention_mask[:, K:]], 1
+        )
+        position_ids = torch.arange(K, K + T_rest, device=device).expand(B, T_rest)
+        out = self._decoder()(
+            input_ids=rest_ids,
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        rows = torch.arange(B, device=device)
+        return out.last_hidden_state[rows, (batch.last_index - K).to(device)]  # (B, D)
 
     def forward(self, features: Tensor) -> Tensor:
         """(B, D) features -> (B, V) L2-normalised text weights."""
