@@ -1,0 +1,144 @@
+"""Fused lexical max-pool: `max_p hidden_p · Zᵀ` without materialising the (B, P, V) patch logits.
+
+The LexVLA mapper pools patch logits over patches (docs/method.md, "Vision branch"). The naive form
+`(hidden @ Zᵀ).max(dim=1)` stores the (B, P, V) logits for the forward and a second (B, P, V) tensor
+(the scattered gradient) in the backward: 1.1 GB each at B=32, P=256, V=33k in fp32.
+
+Here the forward walks the vocabulary in chunks: per chunk it computes the (B, P, chunk) scores, keeps
+the max and the arg-max patch, and frees the scores. Only the (B, V) arg-max indices (int32) are kept for
+the backward, which is exact and sparse: each (image, word) output depends on one patch,
+
+    grad_hidden[b, p]  = Σ_{v : argmax[b, v] = p} grad_out[b, v] · Z[v]
+    grad_codebook[v]   = Σ_b grad_out[b, v] · hidden[b, argmax[b, v]]
+
+computed per vocabulary chunk and per image with `index_add_` / `addcmul_` (O(B·V·D) work, (chunk, D)
+temporaries) instead of the naive O(B·P·V·D) matmuls.
+
+Ties: `torch.max(dim)` documents that it returns the index of the *first* maximal value, and its
+backward routes the gradient to that index. Both paths use `torch.max` over the patch dimension, so
+an exact tie (e.g. duplicated patches) selects the lowest patch index in both, and values and
+gradients agree. (`amax` would split the gradient between tied patches; it is not used.)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+logger = logging.getLogger(__name__)
+
+_INT32_MAX = 2**31 - 1
+
+
+def fused_lexical_max_pool(
+    hidden: Tensor,
+    codebook: Tensor,
+    chunk_size: int = 4096,
+    *,
+    search_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Max over patches of `hidden · codebookᵀ`, computed in vocabulary chunks.
+
+    Values and gradients equal :func:`lexvla.layers.lexical.naive_lexical_max_pool` (ties go to the
+    lowest patch index in both), while the peak temporary memory is (B, P, chunk_size) instead of
+    (B, P, V), and the backward costs O(B·V·D) instead of O(B·P·V·D).
+
+    Args:
+        hidden: patch features, (B, P, D).
+        codebook: word embeddings, (V, D), same dtype and device as `hidden`.
+        chunk_size: number of vocabulary entries scored at once (memory/speed trade-off).
+        search_dtype: optional fast search mode, e.g. `torch.bfloat16`: the arg-max patch is searched
+            with scores in this dtype, then the selected patch's score is recomputed exactly in the
+            input dtype. The selection may differ from the exact arg-max on near-ties (a slightly
+            smaller value is returned); gradients are exact for the selection made.
+
+    Returns:
+        (B, V) pooled logits, in the dtype of the score matmul (the inputs' dtype, or the autocast
+        dtype when run under autocast).
+    """
+    if hidden.dim() != 3 or codebook.dim() != 2 or hidden.shape[-1] != codebook.shape[-1]:
+        raise ValueError(
+            f"expected hidden (B, P, D) and codebook (V, D), got {tuple(hidden.shape)} "
+            f"and {tuple(codebook.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _FusedLexicalMaxPool.apply(hidden, codebook, int(chunk_size), search_dtype)
+
+
+def _chunks(total: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _recompute_selected(hidden: Tensor, codebook_chunk: Tensor, index: Tensor) -> Tensor:
+    """Exact scores of the selected patches: out[b, v] = hidden[b, index[b, v]] · Z[v]. -> (B, c)."""
+    rows = [
+        (hidden[b].index_select(0, index[b]) * codebook_chunk).sum(-1)  # (c,)
+        for b in range(hidden.shape[0])
+    ]
+    return torch.stack(rows)  # (B, c)
+
+
+class _FusedLexicalMaxPool(torch.autograd.Function):
+    """Autograd function behind :func:`fused_lexical_max_pool`."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        codebook: Tensor,
+        chunk_size: int,
+        search_dtype: torch.dtype | None,
+    ) -> Tensor:
+        B, P, _ = hidden.shape
+        V = codebook.shape[0]
+        index_dtype = torch.int32 if P <= _INT32_MAX else torch.int64
+        argmax = torch.empty(B, V, dtype=index_dtype, device=hidden.device)  # (B, V)
+        out: Tensor | None = None
+        search_hidden = hidden if search_dtype is None else hidden.to(search_dtype)
+        for start, stop in _chunks(V, chunk_size):
+            chunk = codebook[start:stop]  # (c, D)
+            search_chunk = chunk if search_dtype is None else chunk.to(search_dtype)
+            scores = torch.matmul(search_hidden, search_chunk.t())  # (B, P, c)
+            values, index = scores.max(dim=1)  # (B, c): first maximal patch on ties
+            del scores
+            if search_dtype is not None:
+                values = _recompute_selected(hidden, chunk, index)
+            if out is None:
+                out_dtype = (
+                    values.dtype if search_dtype is None else torch.result_type(hidden, chunk)
+                )
+                out = torch.empty(B, V, dtype=out_dtype, device=hidden.device)  # (B, V)
+            out[:, start:stop] = values
+            argmax[:, start:stop] = index
+        assert out is not None  # V >= 1 is checked by the matmul shapes
+        ctx.save_for_backward(hidden, codebook, argmax)
+        ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+        hidden, codebook, argmax = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_hidden, need_codebook = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (B, P, D)
+        grad_codebook = torch.zeros_like(codebook) if need_codebook else None  # (V, D)
+        for start, stop in _chunks(codebook.shape[0], ctx.chunk_size):  # type: ignore[attr-defined]
+            chunk = codebook[start:stop]  # (c, D)
+            index = argmax[:, start:stop].long()  # (B, c)
+            grad = grad_out[:, start:stop]  # (B, c)
+            for b in range(hidden.shape[0]):
+                if grad_hidden is not None:
+                    contrib = grad[b, :, None].to(chunk.dtype) * chunk  # (c, D)
+                    grad_hidden[b].index_add_(0, index[b], contrib.to(hidden.dtype))
+                if grad_codebook is not None:
+                    selected = hidden[b].index_select(0, index[b])  # (c, D)
+                    grad_codebook[start:stop].addcmul_(
+                        grad[b, :, None].to(codebook.dtype), selected.to(codebook.dtype)
+                    )
+        return grad_hidden, grad_codebook, None, None

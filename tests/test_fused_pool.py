@@ -1,0 +1,137 @@
+"""Fused lexical max-pool against the naive (B, P, V) reference: values, gradients, ties, gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lexvla.layers.fused_pool import fused_lexical_max_pool
+from lexvla.layers.lexical import lexical_max_pool, naive_lexical_max_pool
+
+
+def _inputs(b: int, p: int, d: int, v: int, *, seed: int = 0, dtype=torch.float32):
+    """Random hidden (b, p, d), codebook (v, d) and upstream gradient (b, v)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, p, d, generator=gen, dtype=dtype)
+    codebook = torch.randn(v, d, generator=gen, dtype=dtype)
+    grad_out = torch.randn(b, v, generator=gen, dtype=dtype)
+    return hidden, codebook, grad_out
+
+
+def _value_and_grads(fn, hidden, codebook, grad_out, *, need=(True, True)):
+    h = hidden.clone().requires_grad_(need[0])
+    z = codebook.clone().requires_grad_(need[1])
+    out = fn(h, z)
+    out.backward(grad_out)
+    return out.detach(), h.grad, z.grad
+
+
+def _assert_matches_naive(hidden, codebook, grad_out, chunk_size, *, need=(True, True)):
+    ref = _value_and_grads(naive_lexical_max_pool, hidden, codebook, grad_out, need=need)
+    fused = _value_and_grads(
+        lambda h, z: fused_lexical_max_pool(h, z, chunk_size), hidden, codebook, grad_out, need=need
+    )
+    for name, r, f in zip(("values", "grad_hidden", "grad_codebook"), ref, fused):
+        if r is None:
+            assert f is None, name
+            continue
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("b", "p", "d", "v", "chunk"),
+    [
+        (3, 7, 5, 23, 4),  # chunk does not divide V
+        (2, 16, 8, 50, 50),  # one chunk
+        (2, 16, 8, 50, 64),  # chunk larger than V
+        (1, 9, 6, 31, 10),  # B = 1
+        (4, 1, 6, 31, 7),  # P = 1: every word picks patch 0
+        (2, 5, 3, 1, 4),  # V = 1
+        (2, 12, 16, 37, 1),  # chunk of one word
+    ],
+)
+def test_values_and_gradients_match_naive(b, p, d, v, chunk):
+    hidden, codebook, grad_out = _inputs(b, p, d, v)
+    _assert_matches_naive(hidden, codebook, grad_out, chunk)
+
+
+def test_exact_ties_pick_lowest_patch_in_both_paths():
+    hidden, codebook, grad_out = _inputs(3, 10, 8, 41)
+    hidden[:, 7] = hidden[:, 2]  # duplicated patches: exact ties wherever patch 2 wins
+    hidden[:, 9] = hidden[:, 2]
+    hidden[1] = hidden[1, 4]  # image 1: all patches identical, every word ties on all patches
+    _assert_matches_naive(hidden, codebook, grad_out, 6)
+    h = hidden.clone().requires_grad_(True)
+    fused_lexical_max_pool(h, codebook, 6).backward(grad_out)
+    assert torch.all(h.grad[:, 7] == 0) and torch.all(h.grad[:, 9] == 0)
+    assert torch.all(h.grad[1, 1:] == 0)  # all gradient of image 1 on its first patch
+    torch.testing.assert_close(h.grad[1, 0], grad_out[1] @ codebook)
+
+
+def test_integer_valued_ties_are_exact():
+    """Small integers make every score exact, so ties are common and arithmetic is exact."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randint(-1, 2, (4, 6, 3), generator=gen).float()
+    codebook = torch.randint(-1, 2, (29, 3), generator=gen).float()
+    grad_out = torch.randint(-3, 4, (4, 29), generator=gen).float()
+    _assert_matches_naive(hidden, codebook, grad_out, 5)
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True)])
+def test_requires_grad_on_one_input(need):
+    hidden, codebook, grad_out = _inputs(2, 6, 4, 19, seed=1)
+    _assert_matches_naive(hidden, codebook, grad_out, 5, need=need)
+
+
+def test_no_grad_and_dispatch_through_lexical_max_pool():
+    hidden, codebook, _ = _inputs(2, 6, 4, 19, seed=2)
+    with torch.no_grad():
+        fused = lexical_max_pool(hidden, codebook, impl="fused", chunk_size=4)
+    torch.testing.assert_close(fused, naive_lexical_max_pool(hidden, codebook))
+    assert fused.dtype == hidden.dtype
+
+
+def test_gradcheck_float64():
+    hidden, codebook, _ = _inputs(2, 4, 3, 7, seed=4, dtype=torch.float64)
+    hidden.requires_grad_(True)
+    codebook.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda h, z: fused_lexical_max_pool(h, z, 3), (hidden, codebook), eps=1e-6, atol=1e-5
+    )
+
+
+def test_dtype_preserved_bfloat16():
+    hidden, codebook, grad_out = _inputs(2, 5, 4, 13, seed=5)
+    h = hidden.bfloat16().requires_grad_(True)
+    z = codebook.bfloat16().requires_grad_(True)
+    out = fused_lexical_max_pool(h, z, 4)
+    out.backward(grad_out.bfloat16())
+    assert out.dtype == h.grad.dtype == z.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, naive_lexical_max_pool(h, z).detach())
+
+
+def test_fast_search_mode_rarely_changes_selection():
+    """bf16 search + exact recompute: values never exceed the exact max, rarely pick another patch."""
+    hidden, codebook, grad_out = _inputs(4, 64, 32, 300, seed=6)
+    exact = naive_lexical_max_pool(hidden, codebook)  # (B, V)
+    h = hidden.clone().requires_grad_(True)
+    fast = fused_lexical_max_pool(h, codebook, 128, search_dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32
+    assert torch.all(fast <= exact + 1e-5)
+    differs = (fast < exact - 1e-5).float().mean().item()
+    assert differs < 0.05, f"bf16 search changed {differs:.1%} of the selections"
+    # A changed selection is a near-tie: the loss in value is within bf16 score error.
+    scale = hidden.norm(dim=-1).max() * codebook.norm(dim=-1).max()
+    assert torch.all(exact - fast <= 2 * 2**-8 * scale)
+    # Exactly the patch value at the chosen patch: recompute by hand.
+    logits = hidden @ codebook.t()  # (B, P, V)
+    assert torch.isclose(logits, fast[:, None, :], rtol=1e-5, atol=1e-5).any(dim=1).all()
+    fast.backward(grad_out)
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="expected hidden"):
+        fused_lexical_max_pool(torch.zeros(2, 3), torch.zeros(4, 3), 2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_lexical_max_pool(torch.zeros(1, 2, 3), torch.zeros(4, 3), 0)
