@@ -1,0 +1,141 @@
+"""End-to-end training on `tiny`: loss goes down, run folder layout, exact SIGKILL resume, corrupt data,
+and 2-process DDP (gloo) equal to one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lexvla.presets import get_preset
+from lexvla.train.loop import fit
+from lexvla.train.setup import experiment_config
+
+TRAIN = [sys.executable, "-m", "lexvla.train"]
+
+
+def _cfg(*overrides: str):
+    return experiment_config("tiny", overrides=list(overrides))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_smoke_training_reduces_the_loss_and_writes_the_run_folder(tmp_path):
+    cfg = _cfg("train.steps=30", "train.lr=3e-3", "train.save_every=10", "train.keep_checkpoints=2",
+               "data.path=synthetic:64", "train.batch_size=16")
+    state = fit(cfg, tmp_path, progress=False)
+    assert state.step == 30
+    losses = [m["loss"] for m in _metrics(tmp_path)]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
+    for name in ("config.json", "metrics.jsonl", "summary.json", "model/model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == ["step_0000010", "step_0000020"]  # keep-last-2; the final model lives in model/
+    assert list((tmp_path / "tb").iterdir()), "TensorBoard events written"
+    from lexvla import create_model
+
+    assert create_model(tmp_path).vocab_size > 0  # a run folder works wherever --model is taken
+
+
+def _run_until_killed(run: Path, args: list[str], kill_after_step: int) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*TRAIN, *args, "--out", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and any(
+                json.loads(line).get("step", 0) >= kill_after_step
+                for line in metrics.read_text().splitlines() if line.endswith("}")
+            ):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
+    args = ["--preset", "tiny", "--set", "train.steps=14", "--set", "train.save_every=3",
+            "--set", "train.keep_checkpoints=5", "--set", "data.path=synthetic:40"]
+    killed = tmp_path / "killed"
+    _run_until_killed(killed, args, kill_after_step=8)
+    assert not (killed / "model").exists()
+    subprocess.run([*TRAIN, *args, "--out", str(killed), "--resume"], check=True, capture_output=True)
+    straight = tmp_path / "straight"
+    subprocess.run([*TRAIN, *args, "--out", str(straight)], check=True, capture_output=True)
+    a, b = _weights(killed), _weights(straight)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    steps = [m["step"] for m in _metrics(killed)]
+    assert steps == list(range(1, 15)), "every step logged exactly once"
+    assert [m["loss"] for m in _metrics(killed)] == pytest.approx([m["loss"] for m in _metrics(straight)])
+
+
+def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["filepath,caption"]
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png,a photo number {i} of a red dog")
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("this is not an image")
+    rows += ["zero.jpg,an empty file", "text.jpg,a text file"]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = _cfg(f"data.path={tmp_path / 'data.csv'}", "train.steps=3", "train.batch_size=8")
+    state = fit(cfg, tmp_path / "run", progress=False)
+    assert state.step == 3 and state.skipped_samples == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_samples"] == 2
+    assert {Path(p).name for p in summary["skipped_files"]} == {"zero.jpg", "text.jpg"}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(tmp_path):
+    if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    common = ["--preset", "tiny", "--set", "train.steps=3", "--set", "train.batch_size=8",
+              "--set", "model.text.lora_dropout=0.0", "--set", "data.path=synthetic:32",
+              "--set", "train.save_every=0"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    subprocess.run([*TRAIN, *common, "--out", str(single)], check=True, capture_output=True)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+         "-m", "lexvla.train", *common, "--out", str(double)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses_one = [m["loss"] for m in _metrics(single)]
+    losses_two = [m["loss"] for m in _metrics(double)]
+    assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
+    a, b = _weights(single), _weights(double)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_tiny_preset_default_data_is_synthetic():
+    assert get_preset("tiny").data.path.startswith("synthetic")
