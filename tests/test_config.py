@@ -97,3 +97,17 @@ def test_load_config_errors_name_the_file(tmp_path):
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(LexVLAError, match="tiny"):
         get_preset("huge")
+
+
+def test_configuration_reference_is_up_to_date():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen_config_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

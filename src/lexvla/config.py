@@ -43,11 +43,11 @@ class VisionConfig:
     image_size: int = 224  # input side in pixels; 224 / patch 14 = 16 x 16 patches
     # Preprocessing: resize shorter side to `resize_size`, centre-crop to image_size, normalise.
     resize_size: int = 256
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet mean, as DINOv2 was trained
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet standard deviation
     freeze: bool = True  # the paper keeps DINOv2 frozen
     adapter_heads: int = 0  # heads of the adapter block; 0: the backbone's own head count
-    adapter_mlp_ratio: float = 4.0
+    adapter_mlp_ratio: float = 4.0  # MLP width of the adapter block / backbone width
 
 
 @dataclass
@@ -56,18 +56,25 @@ class TextConfig:
 
     backbone: str = "meta-llama/Llama-2-7b-hf"  # HF hub name, local folder or `offline:NAME`
     tokenizer: str = ""  # empty: same as backbone
-    pretrained: bool = True
+    pretrained: bool = (
+        True  # False: random init from `arch` (the `tiny` preset, meta-device builds)
+    )
     arch: dict[str, Any] = field(default_factory=dict)  # LlamaConfig fields when not loaded
     # The in-context lexical-prediction prompt; `{caption}` is replaced by the caption.
     prompt: str = DEFAULT_PROMPT
     max_caption_tokens: int = 64  # longer captions are truncated (never an error)
     # Run the prompt prefix (identical for every caption) once and reuse its keys/values.
     prefix_cache: bool = True
-    use_lora: bool = True
-    lora_rank: int = 20
-    lora_alpha: float = 40.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    use_lora: bool = True  # False: the LLM is fully frozen (its features can then be cached)
+    lora_rank: int = 20  # r=20 on q,k,v,o gives the paper's ≈21M LoRA parameters on Llama-2-7B
+    lora_alpha: float = 40.0  # LoRA scaling alpha / r = 2
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    )  # linear layers with LoRA
     dtype: str = "float32"  # dtype of the frozen LLM weights: float32 | bfloat16 | float16
 
 
@@ -81,8 +88,8 @@ class LexicalConfig:
     pool_chunk_size: int = 4096  # vocabulary chunk of the fused max-pool
     # Inference sparsification: "threshold" (1/sqrt(V) unless `threshold` > 0), "topk" or "none".
     sparsify: str = "threshold"
-    threshold: float = 0.0
-    top_k: int = 512
+    threshold: float = 0.0  # threshold of "threshold" mode; 0: the paper's 1/sqrt(V)
+    top_k: int = 512  # k of "topk" mode (512 matches CLIP's width)
     index_max_words: int = 256  # cap on active words per vector when indexing
 
 
@@ -93,8 +100,8 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     lexical: LexicalConfig = field(default_factory=LexicalConfig)
-    logit_scale_init: float = 1.0 / 0.07
-    logit_scale_max: float = 100.0
+    logit_scale_init: float = 1.0 / 0.07  # contrastive inverse temperature at init (CLIP's 1/0.07)
+    logit_scale_max: float = 100.0  # clamp of the learnt inverse temperature
     seed: int = 0  # seeds random initialisation (adapter, random towers): same weights every build
 
 
@@ -111,12 +118,14 @@ class LossConfig:
 class DataConfig:
     """Training data: a path whose format is detected (COCO/Karpathy JSON, CSV/TSV, tar shards, synthetic)."""
 
-    path: str = ""
+    path: str = (
+        ""  # caption JSON, Karpathy JSON, CSV/TSV, tar shards (dir or pattern), synthetic[:N]
+    )
     images: str = ""  # image folder for caption JSON / CSV with relative paths
     split: str = "train"  # Karpathy split to use, when the file has splits
     holdout: int = 0  # keep the last N images out of training (for evaluation on unseen images)
     captions_per_image: int = 1  # captions sampled per image per step
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader workers for streaming shards
     synthetic_size: int = 512  # number of samples of the synthetic dataset
 
 
@@ -124,23 +133,25 @@ class DataConfig:
 class TrainConfig:
     """Optimisation and run settings."""
 
-    steps: int = 100
-    batch_size: int = 32
-    grad_accum: int = 1
+    steps: int = 100  # optimiser steps
+    batch_size: int = 32  # GLOBAL batch (split across processes under DDP); negatives = the batch
+    grad_accum: int = 1  # micro-batches per step (the contrastive loss sees one micro-batch)
     lr: float = 1e-3  # adapter, LoRA, temperature
     codebook_lr: float = 1e-4  # image codebook
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
+    weight_decay: float = 0.05  # AdamW decay of weight matrices (not norms, biases, temperature)
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to 0 at `steps`
+    grad_clip: float = 1.0  # max global gradient norm; 0: off
     precision: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "fp32"
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = (
+        False  # recompute LLM activations in backward (with LoRA): memory for time
+    )
     cache_features: bool = True  # cache frozen DINOv2 outputs on disk
-    log_every: int = 5
+    log_every: int = 5  # steps between metrics.jsonl / TensorBoard records
     eval_every: int = 0  # 0: only at the end
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "auto"
+    save_every: int = 50  # steps between checkpoints (0: only the final model)
+    keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
+    seed: int = 0  # data order, caption choice and dropout are functions of (seed, step)
+    device: str = "auto"  # "auto" (the local CUDA device under torchrun, else CPU), "cpu", "cuda:1"
     distributed: str = "ddp"  # "ddp" | "fsdp"
 
 
@@ -148,8 +159,8 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation settings."""
 
-    batch_size: int = 32
-    recall_ks: tuple[int, ...] = (1, 5, 10)
+    batch_size: int = 32  # encoding batch
+    recall_ks: tuple[int, ...] = (1, 5, 10)  # K of recall@K
     patchdis_threshold: float = 0.0  # background when the best class score is below this
 
 
