@@ -196,3 +196,15 @@ def test_top_words_and_sparse_form(tiny_model):
     assert (
         sparse.indptr.diff() == tiny_model.cfg.lexical.top_k
     ).all() or tiny_model.vocab_size < 512
+
+
+def test_top_words_can_merge_continuation_pieces(tiny_model):
+    from lexvla.vocab import LexicalVocabulary
+
+    vocab = LexicalVocabulary((1, 2, 3), ("dog", "##dog", "cat"), "pieces", 4)
+    groups, words = vocab.word_groups()
+    assert groups == [0, 0, 1] and words == ["dog", "cat"]
+    weights = torch.rand(2, tiny_model.vocab_size)
+    merged = tiny_model.top_words(weights, 3, merge_pieces=True)
+    plain = tiny_model.top_words(weights, 3)
+    assert merged == plain  # the tiny word-level vocabulary has no continuation pieces

@@ -92,6 +92,23 @@ class LexicalVocabulary:
             raise LexVLAError(f"{type(tokenizer).__name__} has no get_vocab(): not a tokenizer")
         return cls.from_token_map(get_vocab(), rule)
 
+    def word_groups(self) -> tuple[list[int], list[str]]:
+        """Merge each continuation piece with its word twin ("##dog" with "dog") for display.
+
+        Returns `(group_of_id, group_words)`: for every lexical dimension the index of its merged word,
+        and the merged words (plain, without "##").
+        """
+        cached = self.__dict__.get("_groups_cache")
+        if cached is None:
+            index: dict[str, int] = {}
+            groups = [
+                index.setdefault(w.removeprefix(CONTINUATION_PREFIX), len(index))
+                for w in self.words
+            ]
+            cached = (groups, list(index))
+            object.__setattr__(self, "_groups_cache", cached)
+        return cached
+
     def fingerprint(self) -> str:
         """A short hash of (ids, words): two vocabularies with the same fingerprint are interchangeable."""
         payload = json.dumps([self.token_ids, self.words], separators=(",", ":")).encode()

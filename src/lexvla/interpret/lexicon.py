@@ -16,9 +16,15 @@ def top_words(weights: Tensor, words: Sequence[str], k: int = 20) -> list[tuple[
 
 
 def encode_top_words(
-    model_ref: str, *, image: str | Path | None = None, text: str | None = None, k: int = 20
+    model_ref: str,
+    *,
+    image: str | Path | None = None,
+    text: str | None = None,
+    k: int = 20,
+    merge_pieces: bool = True,
 ) -> list[tuple[str, float]]:
-    """Build the model named by `model_ref`, encode one image or text and return its top words."""
+    """Build the model named by `model_ref`, encode one image or text and return its top words
+    (continuation pieces merged with their words unless `merge_pieces=False`)."""
     from lexvla.models.factory import create_model
 
     model = create_model(model_ref).eval()
@@ -27,4 +33,4 @@ def encode_top_words(
             weights = model.encode_image([image]).image_weights[0]
         else:
             weights = model.encode_text([text or ""]).text_weights[0]
-    return top_words(weights, model.vocab.words, k)
+    return model.top_words(weights[None], k, merge_pieces=merge_pieces)[0]

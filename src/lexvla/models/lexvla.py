@@ -46,6 +46,14 @@ class TextEncoding:
     text_weights: Tensor  # (B, V) L2-normalised, non-negative
 
 
+def _trainable_part(name: str) -> str:
+    if "lora_" in name:
+        return "lora"
+    if ".adapter." in name:
+        return "adapter"
+    return {"vision.codebook": "image_codebook", "logit_scale": "logit_scale"}.get(name, "other")
+
+
 class LexVLA(nn.Module):
     """The LexVLA model. Build it with :func:`lexvla.create_model` or `LexVLA(ModelConfig(...))`.
 
@@ -164,15 +172,23 @@ class LexVLA(nn.Module):
         """Sparsified weights in CSR form (indices + values)."""
         return to_sparse(self.sparsify(weights, mode=mode, max_words=max_words))
 
-    def top_words(self, weights: Tensor, k: int = 20) -> list[list[tuple[str, float]]]:
-        """The `k` heaviest words of each (B, V) vector, as (word, weight) pairs."""
-        values, ids = weights.float().topk(min(k, weights.shape[-1]), dim=-1)
+    def top_words(
+        self, weights: Tensor, k: int = 20, *, merge_pieces: bool = False
+    ) -> list[list[tuple[str, float]]]:
+        """The `k` heaviest words of each (B, V) vector, as (word, weight) pairs, heaviest first.
+
+        With `merge_pieces`, a continuation piece and its word ("##dog", "dog") count as one word (their
+        weights summed): after the prompt's opening quote the LLM predicts the continuation form.
+        """
+        words = self.vocab.words
+        weights = weights.float()
+        if merge_pieces:
+            groups, words = self.vocab.word_groups()
+            index = torch.tensor(groups, device=weights.device)
+            weights = weights.new_zeros(weights.shape[0], len(words)).index_add_(1, index, weights)
+        values, ids = weights.topk(min(k, weights.shape[-1]), dim=-1)
         return [
-            [
-                (self.vocab.words[i], float(v))
-                for i, v in zip(row_ids.tolist(), row_vals.tolist())
-                if v > 0
-            ]
+            [(words[i], float(v)) for i, v in zip(row_ids.tolist(), row_vals.tolist()) if v > 0]
             for row_ids, row_vals in zip(ids, values)
         ]
 
@@ -185,17 +201,7 @@ class LexVLA(nn.Module):
         """Trainable parameter counts by part."""
         counts = {"adapter": 0, "image_codebook": 0, "lora": 0, "logit_scale": 0}
         for name, p in self.trainable_parameters().items():
-            part = (
-                "lora"
-                if "lora_" in name
-                else "adapter"
-                if ".adapter." in name
-                else "image_codebook"
-                if name == "vision.codebook"
-                else "logit_scale"
-                if name == "logit_scale"
-                else "other"
-            )
+            part = _trainable_part(name)
             counts[part] = counts.get(part, 0) + p.numel()
         counts["total"] = sum(counts.values())
         return counts
