@@ -1,5 +1,7 @@
 # One virtual environment (.venv) serves every target; it is created or updated only when
 # pyproject.toml or constraints.txt change.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[all,dev]' 2>&1 \
-		| grep -v "is ignored: it is neither" || true
+		| { grep -v "is ignored: it is neither" || true; }
 	@$(BIN)/python -c "import lexvla, torch; print('lexvla', lexvla.__version__, 'torch', torch.__version__)"
 	@touch $(STAMP)
 
