@@ -724,6 +724,7 @@ def prepare_assets(
     Raises:
         LexVLAError: an unknown name, an unreachable registry, a missing client or a failed check.
     """
+    names = [names] if isinstance(names, str) else names
     specs = [_spec(name) for name in (names or list(ASSETS))]
     models = _models_dir(cache)
     say = _reporter(progress)
