@@ -143,15 +143,25 @@ class LexVLA(nn.Module):
         pixel_values: Tensor | None = None,
         texts: Sequence[str] | None = None,
         image_features: Tensor | None = None,
+        text_features: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Training forward: `{"image_weights", "text_weights", "logit_scale"}` for the objective."""
+        """Training forward: `{"image_weights", "text_weights", "logit_scale"}` for the objective.
+
+        Args:
+            pixel_values: (B, 3, S, S) images, or `image_features` (B, P, Dv) cached backbone outputs.
+            texts: B captions, or `text_features` (B, D) cached last-token states of a frozen LLM.
+        """
         out: dict[str, Tensor] = {"logit_scale": self.scale()}
-        if pixel_values is not None or image_features is not None:
-            out["image_weights"] = self.encode_image(
-                pixel_values, features=image_features
-            ).image_weights
-        if texts is not None:
-            out["text_weights"] = self.encode_text(texts).text_weights
+        if image_features is not None:
+            out["image_weights"] = self.vision(image_features.to(self.device))[0]
+        elif pixel_values is not None:
+            out["image_weights"] = self.vision(
+                self.vision.forward_features(pixel_values.to(self.device))
+            )[0]
+        if text_features is not None:
+            out["text_weights"] = self.text(text_features.to(self.device))
+        elif texts is not None:
+            out["text_weights"] = self.text(self.text.forward_features(list(texts)))
         return out
 
     # ----------------------------------------------------------------------------------- sparsity

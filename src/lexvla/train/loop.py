@@ -195,30 +195,29 @@ def _autocast(t: Trainer) -> torch.autocast:
 
 
 def _forward_losses(t: Trainer, micro: Any, step: int) -> dict[str, Tensor]:
-    """Encode a micro-batch, gather across processes, apply the objective."""
-    image_weights = _image_weights(t, micro.pixels)
-    text_weights = _text_weights(t, micro.captions)
+    """Encode a micro-batch (through the DDP wrapper), gather across processes, apply the objective."""
+    out = t.ddp_model(**_model_inputs(t, micro))
+    image_weights, text_weights = out["image_weights"], out["text_weights"]
     if t.dist.world_size > 1:
         image_weights = all_gather_with_grad(image_weights)  # (global B, V)
         text_weights = all_gather_with_grad(text_weights)
-    return t.objective(image_weights.float(), text_weights.float(), t.model.scale(), step)
+    return t.objective(image_weights.float(), text_weights.float(), out["logit_scale"], step)
 
 
-def _image_weights(t: Trainer, pixels: Tensor) -> Tensor:
-    device = t.dist.device
+def _model_inputs(t: Trainer, micro: Any) -> dict[str, Any]:
+    """Cached frozen features where a cache is on, raw pixels and captions otherwise."""
+    inputs: dict[str, Any] = {}
     if t.image_cache is not None:
-        features = t.image_cache.get(
-            pixels, lambda px: t.model.vision.forward_features(px.to(device))
-        )
-        return t.model.vision(features.to(device))[0]
-    return t.model.vision(t.model.vision.forward_features(pixels.to(device)))[0]
-
-
-def _text_weights(t: Trainer, captions: list[str]) -> Tensor:
+        device = t.dist.device
+        compute = lambda px: t.model.vision.forward_features(px.to(device))  # noqa: E731
+        inputs["image_features"] = t.image_cache.get(micro.pixels, compute)
+    else:
+        inputs["pixel_values"] = micro.pixels
     if t.text_cache is not None:
-        features = t.text_cache.get(captions, t.model.text.forward_features)
-        return t.model.text(features.to(t.dist.device))
-    return t.model.text(t.model.text.forward_features(captions))
+        inputs["text_features"] = t.text_cache.get(micro.captions, t.model.text.forward_features)
+    else:
+        inputs["texts"] = micro.captions
+    return inputs
 
 
 def save(t: Trainer) -> None:
