@@ -113,12 +113,13 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(tmp_path, strategy):
     if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("torchrun is not installed next to this Python")
     common = ["--preset", "tiny", "--set", "train.steps=3", "--set", "train.batch_size=8",
               "--set", "model.text.lora_dropout=0.0", "--set", "data.path=synthetic:32",
-              "--set", "train.save_every=0"]
+              "--set", "train.save_every=0", "--set", f"train.distributed={strategy}"]
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run([*TRAIN, *common, "--out", str(single)], check=True, capture_output=True)
     torchrun = str(Path(sys.executable).parent / "torchrun")

@@ -45,9 +45,16 @@ def save_model(model: LexVLA, path: str | Path) -> Path:
     return path
 
 
-def write_model_files(model: LexVLA, folder: Path) -> None:
-    """config.json, model.safetensors (trained parameters), vocab.json and README.md into `folder`."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_parameters().items()}
+def write_model_files(
+    model: LexVLA, folder: Path, tensors: dict[str, torch.Tensor] | None = None
+) -> None:
+    """config.json, model.safetensors (trained parameters), vocab.json and README.md into `folder`.
+
+    `tensors` overrides the trained parameters (e.g. full tensors gathered from FSDP shards).
+    """
+    if tensors is None:
+        tensors = model.trainable_parameters()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     save_file(tensors, folder / WEIGHTS, metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,

@@ -124,6 +124,10 @@ class TextTower(nn.Module):
         self._prefix_cache: list[tuple[Tensor, Tensor]] | None = None
         self._prefix_cache_key: tuple | None = None
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LLM's transformer blocks (the units FSDP shards)."""
+        return self._decoder().layers
+
     def _decoder(self) -> nn.Module:
         return self.llm.get_base_model().model if self.cfg.use_lora else self.llm.model
 
@@ -186,7 +190,11 @@ class TextTower(nn.Module):
         """Per-layer (keys, values) of the prefix, each (1, H_kv, K, D/H). Reused while the LLM's
         trainable weights are unchanged and no gradient is needed; recomputed (once per batch) otherwise."""
         trainable = [p for p in self.llm.parameters() if p.requires_grad]
-        key = (tuple(prefix_ids.tolist()), tuple(p._version for p in trainable), self.codebook.device)
+        key = (
+            tuple(prefix_ids.tolist()),
+            tuple(p._version for p in trainable),
+            self.codebook.device,
+        )
         needs_grad = torch.is_grad_enabled() and bool(trainable)
         if not needs_grad and self._prefix_cache_key == key and self._prefix_cache is not None:
             return self._prefix_cache

@@ -49,14 +49,22 @@ def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective: every rank must call it), else itself."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else tensor).detach().cpu().contiguous()
+
+
+def full_trainable_state(model: LexVLA) -> dict[str, torch.Tensor]:
+    """Trained parameters as whole CPU tensors (gathered from FSDP2 shards on every rank)."""
+    return {name: _full(param) for name, param in model.trainable_parameters().items()}
+
+
 def _optimizer_tensors(model: LexVLA, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
-    names = {id(p): n for n, p in model.trainable_parameters().items()}
     tensors = {}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            tensors[f"{names[id(param)]}::{key}"] = (
-                torch.as_tensor(value).detach().cpu().contiguous()
-            )
+    for name, param in model.trainable_parameters().items():  # same order on every rank
+        for key, value in optimizer.state.get(param, {}).items():
+            tensors[f"{name}::{key}"] = _full(torch.as_tensor(value))
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     return tensors, groups
 
@@ -70,12 +78,19 @@ def save_checkpoint(
     *,
     keep: int = 2,
     extra: dict | None = None,
+    is_writer: bool = True,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune older ones beyond `keep`."""
+    """Write checkpoint `step` atomically and prune older ones beyond `keep`.
+
+    Under FSDP every rank calls this (to gather the shards); only `is_writer` writes.
+    """
     folder = run_dir / "checkpoints" / f"step_{step:07d}"
+    weights = full_trainable_state(model)
+    tensors, groups = _optimizer_tensors(model, optimizer)
+    if not is_writer:
+        return folder
     with atomic_dir(folder) as tmp:
-        write_model_files(model, tmp)
-        tensors, groups = _optimizer_tensors(model, optimizer)
+        write_model_files(model, tmp, weights)
         save_file(tensors, str(tmp / OPTIMIZER))
         state = {
             "step": step,
@@ -90,6 +105,14 @@ def save_checkpoint(
     return folder
 
 
+def save_final_model(model: LexVLA, folder: Path, *, is_writer: bool = True) -> None:
+    """The final model as a checkpoint folder (gathering FSDP shards on every rank)."""
+    weights = full_trainable_state(model)
+    if is_writer:
+        with atomic_dir(folder) as tmp:
+            write_model_files(model, tmp, weights)
+
+
 def load_latest(
     run_dir: Path,
     model: LexVLA,
@@ -102,6 +125,10 @@ def load_latest(
         logger.info("no checkpoint in %s: starting from step 0", run_dir)
         return 0
     step, folder = steps[-1]
+    if any(hasattr(p, "full_tensor") for p in model.trainable_parameters().values()):
+        raise LexVLAError(
+            "resuming an FSDP run is not supported yet: resume it with train.distributed=ddp"
+        )
     load_trained_weights(model, folder / "model.safetensors")
     _load_optimizer(folder, model, optimizer)
     state = json.loads((folder / STATE).read_text(encoding="utf-8"))

@@ -26,7 +26,13 @@ from lexvla.losses import LexVLAObjective
 from lexvla.models.lexvla import LexVLA
 from lexvla.train import checkpoint as ckpt
 from lexvla.train.batches import BatchSource
-from lexvla.train.distributed import DistInfo, all_gather_with_grad, cleanup, init_distributed
+from lexvla.train.distributed import (
+    DistInfo,
+    all_gather_with_grad,
+    barrier,
+    cleanup,
+    init_distributed,
+)
 from lexvla.train.features import ImageFeatureCache, TextFeatureCache, module_fingerprint
 from lexvla.train.optim import create_optimizer, create_scheduler
 from lexvla.train.runlog import RunLogger
@@ -98,7 +104,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progres
         run_dir=run_dir,
         dist=dist,
         model=model,
-        ddp_model=_wrap(model, dist),
+        ddp_model=_wrap(model, dist, cfg.train.distributed),
         objective=LexVLAObjective(cfg.loss, max_scale=cfg.model.logit_scale_max),
         optimizer=optimizer,
         scheduler=scheduler,
@@ -116,8 +122,21 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progres
     )
 
 
-def _wrap(model: LexVLA, dist: DistInfo) -> torch.nn.Module:
+def _wrap(model: LexVLA, dist: DistInfo, strategy: str) -> torch.nn.Module:
+    """DDP (default) or FSDP2 (shards each LLM layer: for the 7B text tower) across processes."""
+    if strategy not in ("ddp", "fsdp"):
+        raise LexVLAError(f"train.distributed {strategy!r}: use 'ddp' or 'fsdp'")
     if dist.world_size == 1:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # FSDP2 reshards a layer after its forward; the prefix-cached text path runs each layer twice
+        # per step (prefix, then captions), which FSDP2's backward cannot follow: use the plain path.
+        model.text.cfg.prefix_cache = False
+        for layer in model.text.decoder_layers():
+            fully_shard(layer)
+        fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -221,18 +240,16 @@ def _model_inputs(t: Trainer, micro: Any) -> dict[str, Any]:
 
 
 def save(t: Trainer) -> None:
-    if t.dist.rank == 0:
-        ckpt.save_checkpoint(
-            t.run_dir,
-            t.state.step,
-            t.model,
-            t.optimizer,
-            t.scheduler,
-            keep=t.cfg.train.keep_checkpoints,
-            extra={"skipped_samples": t.state.skipped_samples},
-        )
-    from lexvla.train.distributed import barrier
-
+    ckpt.save_checkpoint(
+        t.run_dir,
+        t.state.step,
+        t.model,
+        t.optimizer,
+        t.scheduler,
+        keep=t.cfg.train.keep_checkpoints,
+        extra={"skipped_samples": t.state.skipped_samples},
+        is_writer=t.dist.rank == 0,
+    )
     barrier()
 
 
@@ -257,9 +274,9 @@ def evaluate(t: Trainer) -> dict[str, Any]:
 def finish(t: Trainer) -> None:
     """Final evaluation, final model in `run_dir/model`, a summary in `run_dir/summary.json`."""
     evaluate(t)
+    ckpt.save_final_model(t.model, t.run_dir / "model", is_writer=t.dist.rank == 0)
     if t.dist.rank != 0:
         return
-    t.model.save_pretrained(t.run_dir / "model")
     summary = {
         "steps": t.state.step,
         "skipped_samples": t.state.skipped_samples,
