@@ -1,0 +1,165 @@
+"""PatchDis: perfect-by-construction = 1.0, random ≈ chance, hand-computed mIoU, upsampling, overlays."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lexvla.errors import LexVLAError
+from lexvla.eval import patchdis as P
+
+CLASSES = ["background", "dog", "dining table", "bus"]
+
+
+def test_upsample_on_pixel_centres():
+    grid = torch.tensor([[1, 2], [3, 4]])
+    up = P.upsample_labels(grid, (3, 5))
+    # rows: y -> floor((y + 0.5) * 2 / 3) = 0, 1, 1; cols: x -> floor((x + 0.5) * 2 / 5) = 0, 0, 1, 1, 1
+    assert up.tolist() == [[1, 1, 2, 2, 2], [3, 3, 4, 4, 4], [3, 3, 4, 4, 4]]
+    assert torch.equal(P.upsample_labels(grid.flatten(), (2, 2)), grid)
+    with pytest.raises(ValueError):
+        P.grid_side(15)
+
+
+def test_background_rule_and_ties():
+    scores = torch.tensor([[[0.05, 0.02], [0.3, 0.3], [0.1, 0.4]]])  # (1, 3 patches, 2 classes)
+    assert P.labels_from_scores(scores, 0.1).tolist() == [[0, 1, 2]]
+    assert P.labels_from_scores(scores, 0.0).tolist() == [[1, 1, 2]]
+    assert "< 0.1" in P.background_rule(0.1)
+
+
+def test_hand_computed_miou():
+    # 2x2 patch grid predicted [[1, 2], [0, 1]] upsampled to a 4x4 mask.
+    pred = torch.tensor([[1, 2, 0, 1]])
+    mask = np.array(
+        [
+            [1, 1, 2, 2],
+            [1, 1, 2, 255],
+            [0, 0, 1, 1],
+            [0, 1, 1, 1],
+        ]
+    )
+    conf = P.patchdis_confusion(pred, [mask], 3)
+    # predicted 4x4: [[1,1,2,2],[1,1,2,2],[0,0,1,1],[0,0,1,1]]; the 255 pixel is ignored.
+    # class 0: TP 3 (pred 0 at 4 pixels, one is GT 1) -> IoU 3/4
+    # class 1: TP 8, pred 1 at 8 pixels, GT 1 at 9 -> IoU 8/9
+    # class 2: TP 3, pred 2 at 3 counted pixels, GT 3 -> IoU 1
+    out = P.summarize_confusion(conf, ["bg", "a", "b"], 0.1)
+    assert out["per_class_iou"] == pytest.approx({"bg": 0.75, "a": 8 / 9, "b": 1.0})
+    assert out["mIoU"] == pytest.approx((0.75 + 8 / 9 + 1.0) / 3)
+    assert out["mIoU/foreground"] == pytest.approx((8 / 9 + 1.0) / 2)
+    assert out["pixel_accuracy"] == pytest.approx(14 / 15)
+
+
+class PerfectModel:
+    """Patch weights one-hot on the word of the ground-truth class; class names one-hot on theirs.
+
+    Word j (j < C) is class j + 1; word C is a filler word that background patches hold.
+    """
+
+    def __init__(self, grids: dict[int, torch.Tensor], num_classes: int) -> None:
+        self.grids = grids  # image id (red value) -> (P,) labels
+        self.vocab_size = num_classes + 1
+        self.cfg = SimpleNamespace(lexical=SimpleNamespace(sparsify="none", threshold=0.0, top_k=1))
+
+    def encode_image(self, images, return_patches=False, crop=True):
+        assert return_patches and not crop  # PatchDis needs whole images at patch level
+        labels = torch.stack([self.grids[im.getpixel((0, 0))[0]] for im in images])  # (B, P)
+        words = torch.where(labels == 0, self.vocab_size - 1, labels - 1)
+        patches = torch.nn.functional.one_hot(words, self.vocab_size).float()
+        return SimpleNamespace(image_weights=patches.amax(1), patch_weights=patches)
+
+    def encode_text(self, texts):
+        ids = torch.tensor([CLASSES.index(t) - 1 for t in texts])
+        return SimpleNamespace(text_weights=torch.eye(self.vocab_size)[ids])
+
+
+def _synthetic(n: int, side: int, seed: int):
+    """Masks at odd resolutions that are exact pixel-centre upsamplings of a side x side grid."""
+    gen = torch.Generator().manual_seed(seed)
+    samples, grids = [], {}
+    for i in range(n):
+        grid = torch.randint(0, len(CLASSES), (side, side), generator=gen)
+        h, w = 20 + 3 * i, 31 + 5 * i
+        mask = P.upsample_labels(grid, (h, w)).numpy().astype(np.uint8)
+        mask[0, 0] = 255  # an ignored pixel
+        grids[i] = grid.flatten()
+        samples.append((Image.new("RGB", (w, h), (i, 0, 0)), mask))
+    return samples, grids
+
+
+def test_perfect_model_scores_one(tmp_path):
+    samples, grids = _synthetic(6, 4, seed=0)
+    result = P.evaluate_patchdis(
+        PerfectModel(grids, len(CLASSES) - 1),
+        samples,
+        CLASSES,
+        threshold=0.5,
+        thresholds=[1.5],
+        batch_size=4,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    assert result["mIoU"] == pytest.approx(1.0)
+    assert result["mIoU/foreground"] == pytest.approx(1.0)
+    assert result["grid"] == 4 and result["num_images"] == 6
+    assert set(result["per_class_iou"]) == set(CLASSES)
+    assert result["sweep"][1]["threshold"] == 1.5 and result["sweep"][1]["mIoU"] < 0.5
+    assert len(result["overlays"]) == 6
+    overlay = np.asarray(Image.open(result["overlays"][0]))
+    assert overlay.std() > 10  # not blank
+    assert "0.5" in P.patchdis_table(result)
+
+
+def test_random_model_is_near_chance():
+    num_classes, gen = 5, torch.Generator().manual_seed(0)
+    patches = torch.rand(64, 256, 40, generator=gen)  # (B, P, V)
+    classes = torch.rand(num_classes, 40, generator=gen)  # (C, V)
+    labels = P.patchdis_predict(patches, classes, threshold=0.0)  # never background
+    truth = torch.randint(1, num_classes + 1, (64, 16, 16), generator=gen)
+    conf = P.patchdis_confusion(labels, list(truth.numpy()), num_classes + 1)
+    # Independent labelings: IoU_c = p_c q_c / (p_c + q_c - p_c q_c) from the marginals (1/(2C-1)
+    # when both are uniform; random class vectors are not, the longest wins more patches).
+    p = conf[1:].sum(1).double() / conf.sum()
+    q = conf[:, 1:].sum(0).double() / conf.sum()
+    chance = float((p * q / (p + q - p * q)).mean())
+    miou = P.summarize_confusion(conf, ["bg"] + list("abcde"), 0.0)["mIoU/foreground"]
+    assert abs(miou - chance) < 0.02
+    # Exchangeable classes (one-hot class words, i.i.d. patch weights): uniform -> 1 / (2C - 1).
+    labels = P.patchdis_predict(patches, torch.eye(num_classes, 40), threshold=0.0)
+    conf = P.patchdis_confusion(labels, list(truth.numpy()), num_classes + 1)
+    miou = P.summarize_confusion(conf, ["bg"] + list("abcde"), 0.0)["mIoU/foreground"]
+    assert abs(miou - 1 / (2 * num_classes - 1)) < 0.02
+
+
+def test_tiny_model_end_to_end(tiny_model, tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [
+        (
+            Image.fromarray(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8)),
+            rng.integers(0, 4, (30, 45)),
+        )
+        for _ in range(3)
+    ]
+    result = P.evaluate_patchdis(tiny_model, samples, CLASSES, out_dir=tmp_path, progress=False)
+    assert 0.0 <= result["mIoU"] <= 1.0
+    assert result["threshold"] == P.DEFAULT_THRESHOLD and result["rule"].endswith("0.1")
+    assert result["grid"] == tiny_model.cfg.vision.image_size // 14
+    assert result["sparsify"].startswith("threshold")
+
+
+def test_bad_masks_name_the_fix(tiny_model):
+    bad = [(Image.new("RGB", (8, 8)), np.full((8, 8), 7))]
+    with pytest.raises(LexVLAError, match="class name per label"):
+        P.evaluate_patchdis(tiny_model, bad, CLASSES, progress=False)
+    with pytest.raises(LexVLAError, match="besides background"):
+        P.evaluate_patchdis(tiny_model, bad, ["background"], progress=False)
+
+
+def test_palette_is_voc():
+    colours = P.palette(4)
+    assert colours.tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
