@@ -55,6 +55,7 @@ class RetrievalData:
     captions: list[str]  # (N_t,)
     text_to_image: Tensor  # (N_t,) int64
     keys: list[str]  # (N_i,) stable identifiers (key, path or position)
+    words: list[list[str]] | None = None  # (N_i,) ground-truth words when the dataset has them
 
     @property
     def num_images(self) -> int:
@@ -91,7 +92,11 @@ def _image_identity(image: str | Path | Image.Image) -> str:
 
 
 def _sample_fields(item: Any, index: int) -> tuple[str, str | Path | Image.Image, list[str]]:
-    """(key, image or path, captions) of a dataset sample or an (image, caption(s)) pair."""
+    """(key, image or path, captions) of a dataset sample or an (image, caption(s)) pair.
+
+    A sample's image is kept as its `path` when that file exists (re-read when encoded, so a large
+    dataset is never held in memory), else as the PIL image.
+    """
     if hasattr(item, "captions") and hasattr(item, "image"):
         path = getattr(item, "path", None)
         image = path if path is not None and Path(str(path)).is_file() else item.image
@@ -126,6 +131,7 @@ def collect_retrieval_data(
     keys: list[str] = []
     captions: list[str] = []
     owners: list[int] = []
+    words: list[list[str]] = []
     for position, item in enumerate(dataset_or_pairs):
         key, image, texts = _sample_fields(item, position)
         if key not in index_of:
@@ -137,11 +143,13 @@ def collect_retrieval_data(
             index_of[key] = len(images)
             images.append(image)
             keys.append(key)
+            words.append([str(w) for w in getattr(item, "words", None) or []])
         captions.extend(texts)
         owners.extend([index_of[key]] * len(texts))
     if not images or not captions:
         raise LexVLAError("the retrieval data holds no image with a caption: check --data")
-    return RetrievalData(images, captions, torch.tensor(owners, dtype=torch.long), keys)
+    owner = torch.tensor(owners, dtype=torch.long)
+    return RetrievalData(images, captions, owner, keys, words if any(words) else None)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
