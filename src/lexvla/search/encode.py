@@ -1,0 +1,234 @@
+"""`encode_corpus`: images -> sparse lexical shard files, resumable and shardable across processes.
+
+Each input shard (a WebDataset tar, or a fixed-size chunk of a folder's sorted image list) becomes one
+shard file set under `out_dir` (written by :mod:`lexvla.index.shards`: CSR int32 word ids and float16
+weights plus JSON-lines metadata). A finished shard is never redone, so a killed run resumes where it
+stopped; rank r of `world_size` processes takes every world_size-th shard (torchrun sets RANK and
+WORLD_SIZE). Images that cannot be decoded are skipped and listed in the encode report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from lexvla.data.transforms import load_image
+from lexvla.errors import LexVLAError
+from lexvla.search.corpus import CorpusShard, iter_items, list_shards
+
+if TYPE_CHECKING:
+    from lexvla.models.lexvla import LexVLA
+
+logger = logging.getLogger(__name__)
+
+FAILED_DIR = "failed"  # per-shard lists of images that could not be decoded (JSON)
+
+
+def model_reference(model: LexVLA, name: str | None = None) -> dict[str, Any]:
+    """What an index records about the model that encoded it (enough to load it and check it)."""
+    if name is not None and Path(name).exists():
+        name = str(Path(name).resolve())
+    return {
+        "name": name,
+        "vocab_size": model.vocab.size,
+        "vocab_fingerprint": model.vocab.fingerprint(),
+        "sparsify": model.cfg.lexical.sparsify,
+        "index_max_words": model.cfg.lexical.index_max_words,
+    }
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise LexVLAError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+    return rank, world_size
+
+
+def encode_corpus(
+    model: LexVLA | str,
+    images: str | Path | list[str | Path],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    chunk_size: int = 1000,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    max_words: int | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Encode a corpus of images into sparse lexical shard files (idempotent, resumable).
+
+    Args:
+        model: a LexVLA model, or a preset / run / checkpoint name to build.
+        images: a folder of images (chunked by `chunk_size`), a folder of .tar shards, a glob, or a
+            list of WebDataset .tar files.
+        out_dir: the shard directory (`<shard>.npz` + `<shard>.jsonl`, `manifest.json`, `vocab.json`;
+            conventionally `lex_emb/`), the input of `lexvla index build --from`.
+        batch_size: images per forward pass.
+        chunk_size: images per shard for a plain folder.
+        rank, world_size: this process takes shards `rank, rank + world_size, ...`; default from
+            torchrun's RANK / WORLD_SIZE, else 0 / 1.
+        progress: show a progress bar with images/s.
+        max_words: cap on words per image (default `model.cfg.lexical.index_max_words`).
+        model_name: how the index should name the model (default: `model` when it is a string).
+
+    Returns:
+        The encode report (also written to `out_dir/encode_report[-rank<r>].json`): shards encoded and
+        skipped, images encoded, images that failed to decode (key, source, error), images/s.
+    """
+    from lexvla.index import shards as shard_files
+
+    if isinstance(model, str | Path):
+        from lexvla.models.factory import create_model
+
+        model_name = model_name or str(model)
+        model = create_model(model)
+    if batch_size < 1:
+        raise LexVLAError(f"batch_size must be >= 1, got {batch_size}")
+    rank, world_size = resolve_rank(rank, world_size)
+    cap = model.cfg.lexical.index_max_words if max_words is None else max_words
+    out_dir = Path(out_dir)
+    mine = list_shards(images, chunk_size)[rank::world_size]
+    shard_files.init_shard_dir(out_dir, model.vocab.words, model_reference(model, model_name))
+    report: dict[str, Any] = {"encoded": [], "skipped": [], "images": 0, "failed": []}
+    start = time.perf_counter()
+    model.eval()
+    with _progress_bar(mine, progress, rank) as bar:
+        for shard in mine:
+            if shard_files.shard_finished(out_dir, shard.name):
+                report["skipped"].append(shard.name)
+                report["failed"].extend(_read_failures(out_dir, shard.name))
+                continue
+            count, failures = _encode_shard(model, shard, out_dir, batch_size, cap, bar)
+            report["encoded"].append(shard.name)
+            report["images"] += count
+            report["failed"].extend(failures)
+    seconds = time.perf_counter() - start
+    report.update(
+        rank=rank,
+        world_size=world_size,
+        shards=len(mine),
+        seconds=round(seconds, 3),
+        images_per_second=round(report["images"] / seconds, 2) if seconds > 0 else 0.0,
+        out_dir=str(out_dir),
+    )
+    name = "encode_report.json" if world_size == 1 else f"encode_report-rank{rank}.json"
+    _write_json(out_dir / name, report)
+    logger.info(
+        "encoded %d images in %d shards (%d skipped as done, %d images failed) at %.1f images/s",
+        report["images"],
+        len(report["encoded"]),
+        len(report["skipped"]),
+        len(report["failed"]),
+        report["images_per_second"],
+    )
+    return report
+
+
+def _encode_shard(
+    model: LexVLA, shard: CorpusShard, out_dir: Path, batch_size: int, cap: int, bar: Any
+) -> tuple[int, list[dict[str, str]]]:
+    """Encode one shard and write it; returns (images encoded, failures)."""
+    from lexvla.index import shards as shard_files
+
+    failures: list[dict[str, str]] = []
+    metadata: list[dict[str, object]] = []
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
+    batch: list[tuple[dict[str, object], Any]] = []
+    for item in iter_items(shard):
+        source = str(item.metadata.get("path") or item.metadata.get("tar"))
+        if item.data is None:
+            failures.append({"key": item.key, "source": source, "error": item.metadata["error"]})
+            continue
+        try:
+            batch.append((item.metadata, load_image(item.data)))
+        except LexVLAError as err:
+            failures.append(
+                {"key": item.key, "source": source, "error": clean_error(err, item.key)}
+            )
+            continue
+        if len(batch) == batch_size:
+            _flush(model, batch, cap, metadata, rows, bar)
+    _flush(model, batch, cap, metadata, rows, bar)
+    # The failure list first, the shard last: the shard file is what marks the shard as done.
+    _write_json(out_dir / FAILED_DIR / f"{shard.name}.json", failures)
+    lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = np.concatenate([ids for ids, _ in rows] or [np.zeros(0)]).astype(np.int32)
+    values = np.concatenate([v for _, v in rows] or [np.zeros(0)]).astype(np.float16)
+    shard_files.write_shard(out_dir, shard.name, indptr, indices, values, metadata)
+    if failures:
+        logger.warning("%s: %d images could not be decoded (skipped)", shard.name, len(failures))
+    return len(metadata), failures
+
+
+def _flush(
+    model: LexVLA,
+    batch: list[tuple[dict[str, object], Any]],
+    cap: int,
+    metadata: list[dict[str, object]],
+    rows: list[tuple[np.ndarray, np.ndarray]],
+    bar: Any,
+) -> None:
+    """Encode a batch of decoded images; append their sparse rows and metadata; empty the batch."""
+    if not batch:
+        return
+    with torch.inference_mode():
+        weights = model.encode_image([image for _, image in batch]).image_weights  # (B, V)
+        sparse = model.to_sparse(weights.float(), max_words=cap)
+    indptr = sparse.indptr.cpu().numpy()
+    indices = sparse.indices.cpu().numpy()
+    values = sparse.values.float().cpu().numpy()
+    for row, (meta, _) in enumerate(batch):
+        lo, hi = indptr[row], indptr[row + 1]
+        rows.append((indices[lo:hi], values[lo:hi]))
+        metadata.append(meta)
+    bar.update(len(batch))
+    batch.clear()
+
+
+def clean_error(err: Exception, name: str) -> str:
+    """A decode error message naming `name` instead of PIL's in-memory buffer."""
+    message = str(err).replace("<bytes>", name)
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", message)
+
+
+def _read_failures(out_dir: Path, shard: str) -> list[dict[str, str]]:
+    path = out_dir / FAILED_DIR / f"{shard}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Atomic write (temporary file + rename), so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _progress_bar(shards: list[CorpusShard], enabled: bool, rank: int) -> Any:
+    from tqdm.auto import tqdm
+
+    hints = [s.size_hint for s in shards]
+    total = sum(h for h in hints if h is not None) if None not in hints else None
+    return tqdm(
+        total=total,
+        unit="img",
+        desc=f"encode (rank {rank})" if rank else "encode",
+        disable=not enabled,
+        dynamic_ncols=True,
+    )

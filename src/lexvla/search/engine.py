@@ -1,0 +1,299 @@
+"""`SearchEngine`: a LexVLA model plus a sparse index, with readable, steerable queries.
+
+    engine = SearchEngine.open("runs/coco-index")          # loads the model the index records
+    query = engine.query_from_text("a dog on the beach").drop("beach").boost("dog", 2.0)
+    for hit in engine.search(query, k=5):
+        print(hit["score"], hit["key"], hit["words"][:3])
+
+Every score is the dot product of the query's words and a document's stored words, so it can be read
+word by word (`explain`), and the patches of an image that the query selects can be shown
+(`grounding`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lexvla.data.transforms import load_image
+from lexvla.errors import LexVLAError
+from lexvla.search.corpus import read_document_bytes
+from lexvla.search.query import Query
+
+if TYPE_CHECKING:
+    from lexvla.index import SparseIndex
+    from lexvla.models.lexvla import LexVLA
+
+logger = logging.getLogger(__name__)
+
+ImageLike = str | Path | bytes | Image.Image
+EMPTY_QUERY_MESSAGE = "the query has no words: type a text, upload an image or add words"
+
+
+class SearchEngine:
+    """Model + index. Build with :meth:`open`.
+
+    Args:
+        model: the LexVLA model whose vocabulary the index uses.
+        index: an opened :class:`lexvla.index.SparseIndex`.
+        max_query_words: words kept in a query made from a text or an image (heaviest first, after
+            the model's sparsification); 0 keeps all.
+    """
+
+    def __init__(self, model: LexVLA, index: SparseIndex, *, max_query_words: int = 256) -> None:
+        self.model = model.eval()
+        self.index = index
+        self.vocab = model.vocab
+        self.max_query_words = max_query_words
+        self._lock = threading.Lock()  # one model forward at a time (2 cores; torch threads inside)
+        self._sorted_words = sorted(self.vocab.words)
+        _check_same_vocabulary(self.vocab.words, index)
+
+    @classmethod
+    def open(
+        cls, index_path: str | Path, model: LexVLA | str | None = None, **kwargs: Any
+    ) -> SearchEngine:
+        """Open an index and the model that encodes queries for it.
+
+        Args:
+            index_path: a folder written by `lexvla index build`.
+            model: a model, or a preset / run / checkpoint name; None loads the model the index
+                manifest records.
+        """
+        from lexvla.index import SparseIndex
+        from lexvla.models.factory import create_model
+
+        index = SparseIndex.open(index_path)
+        if model is None:
+            name = (index.model_ref or {}).get("name")
+            if not name:
+                raise LexVLAError(
+                    f"the index {index_path} does not record which model encoded it: pass "
+                    "the model explicitly (--model PRESET|RUN|CHECKPOINT)"
+                )
+            model = name
+        if isinstance(model, str | Path):
+            model = create_model(model)
+        return cls(model, index, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def info(self) -> dict[str, Any]:
+        """Index size, vocabulary size and the model reference, for display."""
+        return {
+            "documents": len(self.index),
+            "vocab_size": self.vocab.size,
+            "model": dict(self.index.model_ref or {}),
+            "max_query_words": self.max_query_words,
+        }
+
+    # ------------------------------------------------------------------------------ queries
+    def query_from_text(self, text: str) -> Query:
+        """Encode a text with the model's text branch into a query (sparsified, top words kept)."""
+        if not isinstance(text, str) or not text.strip():
+            raise LexVLAError("the text query is empty: type a few words describing the image")
+        with self._lock, torch.inference_mode():
+            weights = self.model.encode_text([text.strip()]).text_weights
+        return self._to_query(weights, f"text: {text.strip()}")
+
+    def query_from_image(self, image: ImageLike) -> Query:
+        """Encode an image (path, bytes or PIL) into a query (sparsified, top words kept)."""
+        name = image.name if isinstance(image, Path) else "uploaded image"
+        picture = load_image(image)
+        with self._lock, torch.inference_mode():
+            weights = self.model.encode_image([picture]).image_weights
+        return self._to_query(weights, f"image: {name}")
+
+    def query_from_words(self, words: dict[str, float], source: str = "words") -> Query:
+        """An explicit word -> weight query (unknown words raise LexVLAError with a hint)."""
+        return Query(words, self.vocab, source)
+
+    def _to_query(self, weights: torch.Tensor, source: str) -> Query:
+        sparse = self.model.sparsify(weights.float(), max_words=self.max_query_words)[0]
+        return Query.from_vector(sparse.cpu().numpy(), self.vocab, source)
+
+    def complete(self, prefix: str, limit: int = 10) -> list[str]:
+        """Vocabulary words starting with `prefix` (shortest first), for autocomplete."""
+        prefix = prefix.strip().lower()
+        if not prefix:
+            return []
+        found: list[str] = []
+        for start in (prefix, "##" + prefix.lstrip("#")):
+            lo = bisect.bisect_left(self._sorted_words, start)
+            hi = bisect.bisect_left(self._sorted_words, start + "\U0010ffff")
+            found.extend(w for w in self._sorted_words[lo:hi] if w not in found)
+        found.sort(key=lambda w: (w.startswith("##") and not prefix.startswith("#"), len(w), w))
+        return found[: max(limit, 0)]
+
+    # ------------------------------------------------------------------------------ search
+    def search(self, query: Query, k: int = 10, *, explain: bool = True) -> list[dict[str, Any]]:
+        """The `k` best documents: `{"doc", "key", "score", "words", "metadata"}`, best first.
+
+        `words` lists the per-word contributions (`{"word", "contribution"}`, largest first) when
+        `explain`. An empty query returns no hit (and logs why).
+        """
+        if query.is_empty:
+            logger.info(EMPTY_QUERY_MESSAGE)
+            return []
+        if k < 1:
+            raise LexVLAError(f"k must be >= 1, got {k}")
+        indices, values = query.to_arrays()
+        hits = self.index.search(indices, values, k, explain=explain)
+        return [_hit_dict(hit, self.vocab.words) for hit in hits]
+
+    def explain(self, query: Query, doc: int, k: int = 10) -> dict[str, Any]:
+        """Why `doc` scores what it does: the per-word products, the k largest plus the remainder.
+
+        Returns:
+            `{"doc", "key", "score", "words": [{"word", "query_weight", "doc_weight",
+            "contribution"}], "remainder", "shared_words", "doc_words": [{"word", "weight"}],
+            "missing": [query words the document lacks]}`; the contributions and remainder sum
+            to the score.
+        """
+        doc_ids, doc_values = self.document_vector(doc)
+        q = query.to_dense()
+        words = self.vocab.words
+        products = q[doc_ids] * doc_values  # only shared words contribute
+        order = np.argsort(-products, kind="stable")
+        shared = [int(i) for i in order if products[i] > 0]
+        rows = [
+            {
+                "word": words[doc_ids[i]],
+                "query_weight": float(q[doc_ids[i]]),
+                "doc_weight": float(doc_values[i]),
+                "contribution": float(products[i]),
+            }
+            for i in shared[:k]
+        ]
+        score = float(products.sum(dtype=np.float64))
+        doc_order = np.argsort(-doc_values, kind="stable")[:40]
+        present = {words[i] for i in doc_ids}
+        return {
+            "doc": int(doc),
+            "key": self.document(doc).get("key", str(doc)),
+            "score": score,
+            "words": rows,
+            "remainder": score - sum(r["contribution"] for r in rows),
+            "shared_words": len(shared),
+            "doc_words": [
+                {"word": words[doc_ids[i]], "weight": float(doc_values[i])} for i in doc_order
+            ],
+            "missing": [w for w, _ in query.top(50) if w not in present][:10],
+        }
+
+    # ------------------------------------------------------------------------------ documents
+    def document(self, doc: int) -> dict[str, Any]:
+        """The stored metadata of a document id (LexVLAError when the id is not in the index)."""
+        self._check_doc(doc)
+        return dict(self.index.metadata(doc))
+
+    def document_vector(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stored sparse vector of a document: (word ids int, weights float32)."""
+        self._check_doc(doc)
+        ids, values = self.index.vector(doc)
+        return np.asarray(ids, dtype=np.int64), np.asarray(values, dtype=np.float32)
+
+    def document_image(self, doc: int) -> Image.Image:
+        """The image of a document, read from where the corpus recorded it (never from a request)."""
+        return load_image(read_document_bytes(self.document(doc)))
+
+    def _check_doc(self, doc: int) -> None:
+        if isinstance(doc, bool) or not isinstance(doc, int | np.integer):
+            raise LexVLAError(f"document id must be an integer, got {doc!r}")
+        if not 0 <= int(doc) < len(self.index):
+            raise LexVLAError(f"document {doc} is not in the index (ids 0..{len(self.index) - 1})")
+
+    # ------------------------------------------------------------------------------ looking inside
+    def grounding(
+        self, query: Query, image: ImageLike | None = None, *, doc: int | None = None
+    ) -> dict[str, Any]:
+        """Patch scores of an image for a query: `patch_weights · query` on the patch grid.
+
+        The whole image is resized to the model's square input (no crop), so the grid covers the
+        full picture and can be laid over it.
+
+        Returns:
+            `{"rows", "cols", "scores": rows x cols floats, "max", "words": rows x cols of the query
+            word that contributes most to each patch ("" where none)}`.
+        """
+        picture = self.document_image(doc) if doc is not None else load_image(image)
+        patches = self._patch_weights(picture)  # (P, V)
+        q = torch.from_numpy(query.to_dense())
+        products = patches * q  # (P, V)
+        scores = products.sum(-1)
+        best = products.argmax(-1)
+        rows, cols = _grid(patches.shape[0])
+        words = [self.vocab.words[int(b)] if float(s) > 0 else "" for b, s in zip(best, scores)]
+        return {
+            "rows": rows,
+            "cols": cols,
+            "scores": scores.view(rows, cols).tolist(),
+            "max": float(scores.max()) if scores.numel() else 0.0,
+            "words": [words[r * cols : (r + 1) * cols] for r in range(rows)],
+        }
+
+    def describe_image(self, image: ImageLike, k: int = 25, per_patch: int = 3) -> dict[str, Any]:
+        """Image-level top words and each patch's top words (for the page's upload section)."""
+        picture = load_image(image)
+        with self._lock, torch.inference_mode():
+            out = self.model.encode_image([picture], return_patches=True, crop=False)
+        image_words = self.model.top_words(out.image_weights.float(), k)[0]
+        patches = out.patch_weights[0].float()  # (P, V)
+        rows, cols = _grid(patches.shape[0])
+        per = self.model.top_words(patches, per_patch)
+        grid = [
+            [[{"word": w, "weight": v} for w, v in per[r * cols + c]] for c in range(cols)]
+            for r in range(rows)
+        ]
+        return {
+            "words": [{"word": w, "weight": v} for w, v in image_words],
+            "rows": rows,
+            "cols": cols,
+            "patches": grid,
+        }
+
+    def _patch_weights(self, picture: Image.Image) -> torch.Tensor:
+        with self._lock, torch.inference_mode():
+            out = self.model.encode_image([picture], return_patches=True, crop=False)
+        return out.patch_weights[0].float().cpu()
+
+
+def _grid(num_patches: int) -> tuple[int, int]:
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        return 1, num_patches
+    return side, side
+
+
+def _hit_dict(hit: Any, words: tuple[str, ...]) -> dict[str, Any]:
+    metadata = dict(getattr(hit, "metadata", None) or {})
+    contributions = [
+        {"word": w if isinstance(w, str) else words[int(w)], "contribution": float(c)}
+        for w, c in (getattr(hit, "words", None) or [])
+    ]
+    contributions.sort(key=lambda r: -r["contribution"])
+    return {
+        "doc": int(hit.doc),
+        "key": str(getattr(hit, "key", None) or metadata.get("key", hit.doc)),
+        "score": float(hit.score),
+        "words": contributions,
+        "metadata": metadata,
+    }
+
+
+def _check_same_vocabulary(words: tuple[str, ...], index: SparseIndex) -> None:
+    index_words = list(index.words)
+    if index_words != list(words):
+        raise LexVLAError(
+            f"the index was built with a different vocabulary ({len(index_words)} words) than "
+            f"the model's ({len(words)} words): open it with the model that encoded the corpus"
+        )
