@@ -1,0 +1,263 @@
+"""The main job (`lexvla demo`): from a fresh clone to an interpretable search over real images.
+
+Steps (each timed and reported): prepare the offline models; take real COCO images with captions
+(`../shared/data/coco-mini`, else the synthetic dataset, and it says so); train `small-offline` briefly
+on 2 CPU cores (frozen towers, cached features) on all but the held-out images; evaluate retrieval
+(untrained vs trained) and PatchDis on the held-out images; draw the sparsity curve; index every image;
+run example searches with per-word explanations; look inside a few images; write one self-contained
+HTML report. A second run reuses the trained model and the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from lexvla.errors import LexVLAError
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+EXAMPLE_QUERIES = (
+    "a dog playing outside",
+    "a red bus on a city street",
+    "a plate of food on a table",
+)
+
+
+def find_coco_mini(data_dir: Path | None = None) -> Path | None:
+    """`data_dir`, else `../shared/data/coco-mini` beside the repository (or the working directory)."""
+    if data_dir is not None:
+        if not (data_dir / "annotations").is_dir():
+            raise LexVLAError(
+                f"{data_dir} has no annotations/ folder: give a COCO-style data folder"
+            )
+        return data_dir
+    for root in (REPO_ROOT, Path.cwd()):
+        candidate = (root / ".." / "shared" / "data" / "coco-mini").resolve()
+        if (candidate / "annotations" / "captions_train2017.json").is_file():
+            return candidate
+    return None
+
+
+@dataclass
+class DemoRun:
+    """Settings and results of one demo run."""
+
+    out_dir: Path
+    data_dir: Path | None
+    steps: int = 60
+    holdout: int = 16
+    console: Console = field(default_factory=Console)
+    timings: dict[str, float] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def step(self, title: str, fn: Callable[[], Any]) -> Any:
+        self.console.rule(f"[bold]{len(self.timings) + 1}. {title}")
+        start = time.perf_counter()
+        result = fn()
+        self.timings[title] = round(time.perf_counter() - start, 1)
+        self.console.print(f"  [dim]{self.timings[title]:.1f} s[/dim]")
+        return result
+
+
+def run_demo(
+    data_dir: Path | None = None,
+    out_dir: Path = Path("demo-output"),
+    *,
+    steps: int = 60,
+    console: Console | None = None,
+) -> Path:
+    """Run the whole demo; returns the path of the HTML report."""
+    from lexvla.demo import report
+
+    run = DemoRun(
+        out_dir=Path(out_dir), data_dir=data_dir, steps=steps, console=console or Console()
+    )
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    run.step("offline models", lambda: _prepare_models(run))
+    data = run.step("data", lambda: _data(run))
+    model = run.step(
+        "training (small-offline, frozen towers, cached features)", lambda: _train(run, data)
+    )
+    run.step("evaluation on held-out images", lambda: _evaluate(run, model, data))
+    engine = run.step("index and example searches", lambda: _index_and_search(run, model, data))
+    run.step("looking inside", lambda: _look_inside(run, engine, data))
+    run.results["total_seconds"] = round(time.perf_counter() - start, 1)
+    path = report.write(run)
+    run.console.print(f"\n[bold green]report[/bold green]: {path.resolve()}")
+    run.console.print(
+        f"open the web app: [bold].venv/bin/lexvla serve --index {run.out_dir / 'index'} "
+        f"--model {run.out_dir / 'run'}[/bold]"
+    )
+    return path
+
+
+def _prepare_models(run: DemoRun) -> None:
+    from lexvla.assets import prepare_assets
+
+    prepare_assets(progress=lambda msg: run.console.print(f"  {msg}"))
+
+
+@dataclass
+class DemoData:
+    train_path: str
+    images_dir: str
+    train: Any
+    holdout: Any
+    all_images: list[Path]
+    masks: Any = None  # COCO instance annotations for PatchDis (None for synthetic data)
+    source: str = "coco-mini"
+
+
+def _data(run: DemoRun) -> DemoData:
+    from lexvla.data import create_dataset, split_holdout
+
+    folder = find_coco_mini(run.data_dir)
+    if folder is None:
+        run.console.print(
+            "  [yellow]../shared/data/coco-mini not found: using the synthetic dataset[/yellow]"
+        )
+        dataset = create_dataset("synthetic:256")
+        train, holdout = split_holdout(dataset, 64)
+        return DemoData("synthetic:256", "", train, holdout, [], source="synthetic")
+    captions = folder / "annotations" / "captions_train2017.json"
+    images = folder / "train2017"
+    dataset = create_dataset(str(captions), images_dir=images)
+    train, holdout = split_holdout(dataset, run.holdout)
+    run.console.print(f"  {folder}: {len(train)} training images, {len(holdout)} held out")
+    instances = folder / "annotations" / "instances_train2017.json"
+    return DemoData(
+        str(captions),
+        str(images),
+        train,
+        holdout,
+        sorted(images.glob("*.jpg")),
+        masks=instances if instances.is_file() else None,
+    )
+
+
+def _train(run: DemoRun, data: DemoData) -> Any:
+    from lexvla.config import to_dict
+    from lexvla.models.factory import create_model
+    from lexvla.train.loop import fit
+    from lexvla.train.setup import experiment_config
+
+    cfg = experiment_config(
+        "small-offline",
+        data=data.train_path,
+        images=Path(data.images_dir) if data.images_dir else None,
+        overrides=[
+            f"train.steps={run.steps}",
+            f"data.holdout={run.holdout}",
+            "train.save_every=0",
+            "train.log_every=5",
+            f"train.warmup_steps={max(1, run.steps // 5)}",
+        ],
+    )
+    run_dir = run.out_dir / "run"
+    done = run_dir / "model" / "model.safetensors"
+    if done.is_file() and json.loads((run_dir / "config.json").read_text()) == to_dict(cfg):
+        run.console.print(f"  reusing the trained model in {run_dir} (same configuration)")
+    else:
+        state = fit(cfg, run_dir)
+        run.console.print(f"  trained {state.step} steps; skipped samples: {state.skipped_samples}")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run.results["training"] = [
+        {"step": m["step"], "loss": m["loss"]} for m in metrics if "loss" in m
+    ]
+    return create_model(run_dir).eval()
+
+
+def _evaluate(run: DemoRun, model: Any, data: DemoData) -> None:
+    from lexvla.eval.retrieval import evaluate_retrieval
+    from lexvla.eval.sparsity import sparsity_curve
+    from lexvla.models.factory import create_model
+
+    cache = run.out_dir / "cache"
+    untrained = create_model("small-offline").eval()
+    with torch.no_grad():
+        run.results["retrieval_untrained"] = evaluate_retrieval(
+            untrained, data.holdout, cache_dir=cache
+        )
+        run.results["retrieval"] = evaluate_retrieval(model, data.holdout, cache_dir=cache)
+        curve = sparsity_curve(
+            model, data.holdout, cache_dir=cache, plot_path=run.out_dir / "sparsity.png"
+        )
+    run.results["sparsity_curve"] = curve
+    run.figures["sparsity"] = run.out_dir / "sparsity.png"
+    for name in ("retrieval_untrained", "retrieval"):
+        r = run.results[name]
+        run.console.print(
+            f"  {name}: image→text R@1 {r['image_to_text/R@1']:.1f}  "
+            f"text→image R@1 {r['text_to_image/R@1']:.1f}  (chance {r['chance']['text_to_image/R@1']:.1f})"
+        )
+    if data.masks is not None:
+        _patchdis(run, model, data)
+
+
+def _patchdis(run: DemoRun, model: Any, data: DemoData) -> None:
+    from lexvla.data.masks import coco_semantic_dataset
+    from lexvla.eval.patchdis import evaluate_patchdis
+
+    keys = {getattr(s, "key", "") for s in _samples(data.holdout)}
+    samples, class_names = coco_semantic_dataset(data.masks, data.images_dir, keys=keys)
+    with torch.no_grad():
+        result = evaluate_patchdis(model, samples, class_names, out_dir=run.out_dir / "patchdis")
+    run.results["patchdis"] = {k: v for k, v in result.items() if k != "overlays"}
+    run.figures["patchdis"] = list(result.get("overlays", []))[:4]
+    run.console.print(f"  PatchDis mIoU {result['mIoU']:.3f} ({result['rule']})")
+
+
+def _samples(dataset: Any) -> list[Any]:
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def _index_and_search(run: DemoRun, model: Any, data: DemoData) -> Any:
+    from lexvla.index import build_index
+    from lexvla.search.encode import encode_corpus
+    from lexvla.search.engine import SearchEngine
+
+    corpus, index = run.out_dir / "corpus", run.out_dir / "index"
+    images = data.images_dir or None
+    if images is None:
+        run.console.print(
+            "  (no image folder with synthetic data: searching the held-out samples only)"
+        )
+        return None
+    encode_corpus(model, images, corpus, model_name=str(run.out_dir / "run"), progress=True)
+    build_index(corpus, index)
+    engine = SearchEngine(model, _open_index(index))
+    searches = []
+    for text in EXAMPLE_QUERIES:
+        query = engine.query_from_text(text)
+        hits = engine.search(query, k=3, explain=True)
+        searches.append({"query": text, "query_words": query.top(8), "hits": hits})
+        best = hits[0] if hits else None
+        words = ", ".join(
+            f"{w['word']} {w['contribution']:.3f}" for w in (best or {}).get("words", [])[:4]
+        )
+        run.console.print(f"  [bold]{text!r}[/bold] → {best['key'] if best else '-'}  ({words})")
+    run.results["searches"] = searches
+    return engine
+
+
+def _open_index(path: Path) -> Any:
+    from lexvla.index import SparseIndex
+
+    return SparseIndex.open(path)
+
+
+def _look_inside(run: DemoRun, engine: Any, data: DemoData) -> None:
+    from lexvla.demo.inside import look_inside
+
+    run.figures["inside"] = look_inside(engine, data, run.out_dir / "inside", EXAMPLE_QUERIES)
