@@ -1,1 +1,44 @@
-"""Sparse lexical index and search (arrays in, ids and scores out; never imports models)."""
+"""Sparse lexical index and search (arrays in, ids and scores out; never imports models or torch).
+
+- `SparseIndex`: embedded exact inverted index on disk (memory-mapped, atomic commits, deletions).
+- `build_index`: build or extend an index from a directory of corpus shards (resumable).
+- `shards`: the corpus shard format written by batch encoding (`write_shard`, `read_shard`, ...).
+- `export_jsonl`: Anserini / PISA JSON-lines export with integer impacts.
+"""
+
+from __future__ import annotations
+
+from lexvla.index._io import vocab_hash
+from lexvla.index.build import build_index
+from lexvla.index.export import export_jsonl
+from lexvla.index.shards import (
+    Shard,
+    ShardInfo,
+    ShardManifest,
+    init_shard_dir,
+    iter_shards,
+    read_shard,
+    read_shard_manifest,
+    read_shard_vocab,
+    shard_finished,
+    write_shard,
+)
+from lexvla.index.sparse import Hit, SparseIndex
+
+__all__ = [
+    "Hit",
+    "Shard",
+    "ShardInfo",
+    "ShardManifest",
+    "SparseIndex",
+    "build_index",
+    "export_jsonl",
+    "init_shard_dir",
+    "iter_shards",
+    "read_shard",
+    "read_shard_manifest",
+    "read_shard_vocab",
+    "shard_finished",
+    "vocab_hash",
+    "write_shard",
+]

@@ -1,0 +1,174 @@
+"""File helpers shared by the shard format and the index: atomic writes, checksums, locks, safe loads.
+
+Every file is written to a temporary name in the destination directory, flushed to disk and then moved
+into place with `os.replace`, so a reader sees either the old file or the complete new one, never a
+partial write. numpy files are always read with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lexvla.errors import LexVLAError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def vocab_hash(words: Sequence[str]) -> str:
+    """sha256 (hex) of the vocabulary's word list, in order: vectors are comparable iff hashes match."""
+    payload = json.dumps(list(words), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def check_vocab(words: Sequence[str], what: str) -> list[str]:
+    """Validate a vocabulary: a non-empty list of unique, non-empty strings."""
+    words = list(words)
+    if not words or not all(isinstance(w, str) and w for w in words):
+        raise LexVLAError(f"{what}: the vocabulary must be a non-empty list of non-empty strings")
+    if len(set(words)) != len(words):
+        seen: set[str] = set()
+        dup = next(w for w in words if w in seen or seen.add(w))  # type: ignore[func-returns-value]
+        raise LexVLAError(
+            f"{what}: the vocabulary has the word {dup!r} twice; words must be unique"
+        )
+    return words
+
+
+def check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise LexVLAError(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' (no '/'),"
+            " starting with a letter or digit"
+        )
+    return name
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (a rename or new file) to disk; a no-op where unsupported."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file in the same directory, fsync, os.replace)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The `.npy` serialisation of an array (never pickled)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_npy(path: Path, array: np.ndarray) -> str:
+    """Write `array` as `.npy` and fsync it (not atomic: used inside a staging directory).
+
+    Returns:
+        The sha256 (hex) of the file's bytes, computed from memory (no read back).
+    """
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    data = memoryview(array.reshape(-1).view(np.uint8))
+    digest = hashlib.sha256(header.getvalue())
+    digest.update(data)
+    with open(path, "wb") as f:
+        f.write(header.getvalue())
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LexVLAError(f"{what}: {path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LexVLAError(
+            f"{what}: {path} is not valid JSON ({err}); the file is corrupt"
+        ) from None
+
+
+def load_npy(
+    path: Path, dtype: str, shape: Sequence[int] | None, *, mmap: bool, what: str
+) -> np.ndarray:
+    """Load a `.npy` file with `allow_pickle=False`, checking its dtype and (optional) shape.
+
+    Raises:
+        LexVLAError: naming the file, when it is missing, truncated, pickled or of the wrong type.
+    """
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise LexVLAError(f"{what}: {path} is missing; rebuild the index") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise LexVLAError(
+            f"{what}: {path} cannot be read ({err}); it is truncated, corrupt or holds pickled"
+            " objects (refused). Rebuild it."
+        ) from None
+    if array.dtype != np.dtype(dtype) or (shape is not None and tuple(array.shape) != tuple(shape)):
+        raise LexVLAError(
+            f"{what}: {path} holds {array.dtype}{list(array.shape)}, expected {dtype}"
+            f"{list(shape) if shape is not None else ''}; the file is corrupt. Rebuild it."
+        )
+    return array
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX flock) held for the duration of the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def jsonable(obj: Mapping[str, Any], what: str) -> str:
+    """One-line JSON of a metadata dict (raises LexVLAError if it cannot be serialised)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise LexVLAError(f"{what}: metadata is not JSON-serialisable ({err})") from None

@@ -1,0 +1,500 @@
+"""SparseIndex: an embedded, exact, memory-mapped inverted index of lexical vectors.
+
+    index = SparseIndex.create("runs/x/index", vocab_words, {"model": "runs/x"})
+    index.add(indptr, indices, values, [{"key": "img1", "path": "a.jpg"}, ...])   # staged
+    index.commit()                                                               # published
+    hits = SparseIndex.open("runs/x/index").search(q_indices, q_values, k=10, explain=True)
+
+Scores are exact inner products with the stored (float32) weights; see `_kernels` for the summation
+order and the tie rule (lower document id first). The on-disk format and the crash-safety argument are
+described in `_generation` and `_commit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from lexvla.errors import LexVLAError
+from lexvla.index import _commit, _io, _kernels, _staging
+from lexvla.index._csr import canonical_csr
+from lexvla.index._generation import DocTable, Generation, open_generation, write_generation
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DENSE_FRACTION = 0.125
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result.
+
+    Attributes:
+        doc: document id (row of the index; stable until a `commit(compact=True)`).
+        key: the document's unique key.
+        score: inner product of the query with the document (> 0).
+        metadata: the document's metadata dict (includes "key").
+        words: with `explain=True`, (word, query weight x document weight) for every shared word,
+            largest first; the contributions sum to `score`.
+    """
+
+    doc: int
+    key: str
+    score: float
+    metadata: dict[str, Any]
+    words: list[tuple[str, float]] | None = None
+
+
+class SparseIndex:
+    """A directory holding published generations of an inverted index, plus staged changes.
+
+    Reading (`search*`, `explain`, `document`) uses the generation that was current when the index was
+    opened (or last committed/refreshed by this object). Writing (`add`, `delete`, `commit`) holds an
+    exclusive lock on the directory and always applies to the latest published generation.
+    """
+
+    def __init__(self, root: Path, generation: Generation) -> None:
+        self.path = root
+        self._gen = generation
+        self._local = threading.local()
+        self._lock_depth = 0
+        self._active_cache: tuple[Any, set[str]] | None = None
+
+    # ---------------------------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        vocab: Sequence[str],
+        model_ref: Mapping[str, Any],
+        *,
+        dense_fraction: float | None = DEFAULT_DENSE_FRACTION,
+    ) -> SparseIndex:
+        """Create an empty index at `path` (a new or empty directory).
+
+        Args:
+            path: the index directory.
+            vocab: the V words of the lexical vocabulary, in dimension order.
+            model_ref: an opaque JSON-able dict naming the encoder, e.g. `{"model": "runs/x"}`.
+            dense_fraction: words present in at least this fraction of the documents are stored as
+                dense columns (faster to add up); None stores every word as a posting list.
+        """
+        root = Path(path)
+        words = _io.check_vocab(vocab, f"SparseIndex.create({root})")
+        model = json.loads(_io.jsonable(dict(model_ref), "model_ref"))
+        if dense_fraction is not None and not 0.0 < dense_fraction <= 1.0:
+            raise LexVLAError(f"dense_fraction must be in (0, 1] or None, got {dense_fraction}")
+        root.mkdir(parents=True, exist_ok=True)
+        with _io.file_lock(root / "LOCK"):
+            if (root / "CURRENT").exists():
+                raise LexVLAError(f"{root} already holds an index; open it with SparseIndex.open")
+            _staging.clear_tmp(root)
+            empty = DocTable(
+                np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                np.zeros(0, bool), [], np.zeros(1, np.int64), [],
+            )  # fmt: skip
+            info = {
+                "generation": 0,
+                "model": model,
+                "dense_fraction": dense_fraction,
+                "applied_seq": 0,
+                "sources": {},
+            }
+            write_generation(root / "tmp" / "gen-000000", empty, words, info)
+            _commit.publish(root, root / "tmp" / "gen-000000", "gen-000000")
+        return cls.open(root)
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = True) -> SparseIndex:
+        """Open the published generation of an index (arrays memory-mapped).
+
+        Args:
+            path: the index directory.
+            verify: check the sha256 of every file (reads them once). Without it, sizes, shapes and
+                id bounds are still checked, so truncated files are refused rather than searched.
+        """
+        root = Path(path)
+        return cls(root, cls._open_current(root, verify))
+
+    @staticmethod
+    def _open_current(root: Path, verify: bool) -> Generation:
+        for _ in range(3):  # a concurrent commit may remove the generation we are opening
+            name = _commit.read_current(root)
+            try:
+                return open_generation(root / "generations" / name, verify=verify)
+            except LexVLAError:
+                if _commit.read_current(root) == name:
+                    raise
+        raise LexVLAError(f"{root} keeps changing while being opened; retry")
+
+    def refresh(self, *, verify: bool = True) -> bool:
+        """Switch to the latest published generation if another writer published one."""
+        if _commit.read_current(self.path) == self._gen.path.name:
+            return False
+        self._gen = self._open_current(self.path, verify)
+        return True
+
+    # --------------------------------------------------------------------------------- properties
+    @property
+    def vocab(self) -> list[str]:
+        return self._gen.vocab
+
+    @property
+    def vocab_hash(self) -> str:
+        return str(self._gen.manifest["vocab_sha256"])
+
+    @property
+    def model_ref(self) -> dict[str, Any]:
+        return dict(self._gen.manifest["model"])
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return dict(self._gen.manifest)
+
+    @property
+    def generation(self) -> int:
+        return int(self._gen.manifest["generation"])
+
+    @property
+    def num_docs(self) -> int:
+        """Documents in the index, deleted ones included (doc ids are 0..num_docs-1)."""
+        return self._gen.num_docs
+
+    def __len__(self) -> int:
+        """Active (not deleted) documents."""
+        return self._gen.num_docs - int(self._gen.manifest["num_deleted"])
+
+    def __repr__(self) -> str:
+        return f"SparseIndex({str(self.path)!r}, generation={self.generation}, docs={len(self)})"
+
+    # ------------------------------------------------------------------------------------ reading
+    def document(self, doc: int) -> dict[str, Any]:
+        """Metadata of document `doc`."""
+        self._check_doc(doc)
+        return self._gen.metadata(doc)
+
+    def vector(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
+        """(word ids (n,) int32 ascending, weights (n,) float32) of document `doc`."""
+        self._check_doc(doc)
+        a = self._gen.arrays
+        s, e = a["doc_indptr"][doc], a["doc_indptr"][doc + 1]
+        return np.array(a["doc_terms"][s:e]), np.array(a["doc_weights"][s:e])
+
+    def is_deleted(self, doc: int) -> bool:
+        self._check_doc(doc)
+        return bool(self._gen.arrays["deleted"][doc])
+
+    def doc_id(self, key: str) -> int | None:
+        """The active document with this key, or None."""
+        keys, deleted = self._gen.keys(), self._gen.arrays["deleted"]
+        lookup = getattr(self._gen, "_key_lookup", None)
+        if lookup is None:
+            lookup = {k: d for d, k in enumerate(keys) if not deleted[d]}
+            self._gen._key_lookup = lookup  # type: ignore[attr-defined]
+        return lookup.get(key)
+
+    def _check_doc(self, doc: int) -> None:
+        if not 0 <= doc < self._gen.num_docs:
+            raise LexVLAError(f"document id {doc} is out of range [0, {self._gen.num_docs})")
+
+    # ------------------------------------------------------------------------------------- search
+    def _query(self, indices: ArrayLike, values: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """Canonical query: (word ids int32 ascending, weights float32 > 0)."""
+        terms, weights = np.asarray(indices), np.asarray(values)
+        if (
+            terms.dtype == np.int32
+            and weights.dtype == np.float32
+            and terms.ndim == weights.ndim == 1
+        ):
+            if len(terms) == len(weights) and _kernels.is_canonical_query(
+                terms, weights, len(self.vocab)
+            ):
+                return terms, weights  # fast path: nothing to fix
+        indptr = np.array([0, terms.size], np.int64)
+        _, terms, weights = canonical_csr(
+            indptr, terms.reshape(-1), weights.reshape(-1), len(self.vocab), "query"
+        )
+        return terms, weights
+
+    def _buffers(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This thread's (N,) float32 score buffer (kept zeroed by the kernel) and (k,) outputs."""
+        acc = getattr(self._local, "acc", None)
+        if acc is None or len(acc) != self._gen.num_docs:
+            acc = self._local.acc = np.zeros(self._gen.num_docs, np.float32)
+        return acc, np.empty(k, np.int64), np.empty(k, np.float32)
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        a = self._gen.arrays
+        return (
+            a["post_indptr"],
+            a["post_docs"],
+            a["post_weights"],
+            self._gen.term_slot,
+            a["dense"],
+            a["deleted"],
+        )
+
+    def search_ids(
+        self, query_indices: ArrayLike, query_values: ArrayLike, k: int = 10
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k document ids and scores of one query (no metadata: the fast path).
+
+        Args:
+            query_indices: (n,) word ids of the query's non-zeros.
+            query_values: (n,) their weights (>= 0; zeros are ignored).
+            k: number of results wanted (>= 1).
+
+        Returns:
+            (ids (m,) int64, scores (m,) float32), best first, m = min(k, documents scoring > 0);
+            ties go to the lower document id.
+        """
+        if k < 1:
+            raise LexVLAError(f"k must be >= 1, got {k}")
+        terms, weights = self._query(query_indices, query_values)
+        if len(terms) == 0:
+            logger.warning("query has no active words (no positive weights): no hits")
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        acc, ids, scores = self._buffers(min(k, max(self._gen.num_docs, 1)))
+        n = _kernels.search_one(*self._arrays(), terms, weights, len(ids), acc, ids, scores)
+        return ids[:n], scores[:n]
+
+    def search(
+        self,
+        query_indices: ArrayLike,
+        query_values: ArrayLike,
+        k: int = 10,
+        *,
+        explain: bool = False,
+    ) -> list[Hit]:
+        """Exact top-k hits of one query, with metadata and (optionally) per-word explanations.
+
+        Args:
+            query_indices, query_values: (n,) word ids and weights of the query.
+            k: number of hits wanted.
+            explain: fill `Hit.words` with each shared word's contribution.
+        """
+        ids, scores = self.search_ids(query_indices, query_values, k)
+        terms, weights = self._query(query_indices, query_values) if explain else (None, None)
+        hits = []
+        for doc, score in zip(ids.tolist(), scores.tolist()):
+            meta = self._gen.metadata(doc)
+            words = self._explain(doc, terms, weights) if explain else None
+            hits.append(Hit(doc, str(meta.get("key")), score, meta, words))
+        return hits
+
+    def explain(
+        self, doc: int, query_indices: ArrayLike, query_values: ArrayLike
+    ) -> list[tuple[str, float]]:
+        """(word, contribution) of every word shared by the query and document `doc`, largest first.
+
+        The contributions are the float32 products q_w * w_doc that the score adds up.
+        """
+        self._check_doc(doc)
+        terms, weights = self._query(query_indices, query_values)
+        return self._explain(doc, terms, weights)
+
+    def _explain(self, doc: int, terms: np.ndarray, weights: np.ndarray) -> list[tuple[str, float]]:
+        d_terms, d_weights = self.vector(doc)
+        common, qi, di = np.intersect1d(terms, d_terms, assume_unique=True, return_indices=True)
+        contrib = weights[qi] * d_weights[di]  # (m,) float32, as in the kernel
+        order = np.argsort(-contrib, kind="stable")
+        vocab = self.vocab
+        return [(vocab[int(common[i])], float(contrib[i])) for i in order]
+
+    def search_batch(
+        self,
+        q_indptr: ArrayLike,
+        q_indices: ArrayLike,
+        q_values: ArrayLike,
+        k: int = 10,
+        *,
+        num_threads: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of many queries given as a CSR batch, in parallel over queries.
+
+        Args:
+            q_indptr, q_indices, q_values: (Q+1,), (nnz,), (nnz,) CSR of Q queries.
+            k: results per query.
+            num_threads: numba threads (default: numba's current setting, i.e. all cores).
+
+        Returns:
+            ids (Q, k) int64 and scores (Q, k) float32, best first; rows with fewer than k hits are
+            padded with id -1 and score 0.
+        """
+        if k < 1:
+            raise LexVLAError(f"k must be >= 1, got {k}")
+        ip, ix, vals = canonical_csr(q_indptr, q_indices, q_values, len(self.vocab), "query batch")
+        Q = len(ip) - 1
+        ids, scores = np.full((Q, k), -1, np.int64), np.zeros((Q, k), np.float32)
+        if self._gen.num_docs == 0 or Q == 0:
+            return ids, scores
+        threads = _kernels.get_num_threads() if num_threads is None else num_threads
+        with _kernels.num_threads(threads):
+            chunks = max(1, min(Q, _kernels.get_num_threads()))
+            _kernels.search_many(
+                *self._arrays(), ip, ix, vals, min(k, self._gen.num_docs), chunks, ids, scores
+            )
+        empty = int((np.diff(ip) == 0).sum())
+        if empty:
+            logger.warning("%d of %d queries have no active words: no hits for them", empty, Q)
+        return ids, scores
+
+    # ------------------------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the directory's writer lock (re-entrant within this object)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with _io.file_lock(self.path / "LOCK"):
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+
+    def _latest_state(self) -> tuple[dict[str, Any], list[_staging.PendingOp]]:
+        """(manifest of the latest published generation, staged ops it has not applied)."""
+        gen_path = self.path / "generations" / _commit.read_current(self.path)
+        manifest = _io.read_json(gen_path / "manifest.json", f"index {self.path}")
+        ops = [op for op in _staging.list_ops(self.path) if op.seq > manifest["applied_seq"]]
+        return manifest, ops
+
+    def _active_keys(self) -> set[str]:
+        """Keys of the active documents once the staged changes are applied (call under lock)."""
+        manifest, ops = self._latest_state()
+        token = (manifest["generation"], tuple(op.seq for op in ops))
+        if self._active_cache is not None and self._active_cache[0] == token:
+            return self._active_cache[1]
+        g = open_generation(
+            self.path / "generations" / f"gen-{manifest['generation']:06d}", verify=False
+        )
+        deleted = g.arrays["deleted"]
+        active = {k for d, k in enumerate(g.keys()) if not deleted[d]}
+        for op in ops:
+            (active.update if op.kind == "add" else active.difference_update)(op.keys)
+        self._active_cache = (token, active)
+        return active
+
+    def _next_seq(self) -> int:
+        manifest, ops = self._latest_state()
+        return max([int(manifest["applied_seq"])] + [op.seq for op in ops]) + 1
+
+    def add(
+        self,
+        indptr: ArrayLike,
+        indices: ArrayLike,
+        values: ArrayLike,
+        metadata: Sequence[Mapping[str, Any]],
+    ) -> int:
+        """Stage documents: a CSR batch of lexical vectors and one metadata dict each.
+
+        The documents become searchable after `commit()`. Staged changes are durable: a process killed
+        before committing loses nothing (the next `commit()` publishes them).
+
+        Args:
+            indptr, indices, values: (n+1,), (nnz,), (nnz,) CSR of n vectors (word ids < V, weights
+                >= 0; stored as float32).
+            metadata: n dicts, each with a unique non-empty string "key" (not already indexed).
+
+        Returns:
+            n, the number of documents staged.
+        """
+        return self._stage_add(indptr, indices, values, metadata, source=None)
+
+    def _stage_add(
+        self,
+        indptr: ArrayLike,
+        indices: ArrayLike,
+        values: ArrayLike,
+        metadata: Sequence[Mapping[str, Any]],
+        source: dict[str, str] | None,
+    ) -> int:
+        arrays = canonical_csr(indptr, indices, values, len(self.vocab), "SparseIndex.add")
+        lines, keys = _check_metadata(metadata, len(arrays[0]) - 1)
+        if not keys:
+            return 0
+        with self._writing():
+            active = self._active_keys()
+            clash = next((k for k in keys if k in active), None)
+            if clash is not None:
+                raise LexVLAError(
+                    f"key {clash!r} is already in the index; delete it first to replace it"
+                )
+            _staging.stage_add(self.path, self._next_seq(), arrays, lines, keys, source)
+            active.update(keys)
+            self._active_cache = None
+        _commit.crash_point("staged")
+        return len(keys)
+
+    def delete(self, keys: Sequence[str]) -> int:
+        """Stage the deletion of documents by key (applied by `commit()`).
+
+        Returns:
+            The number of active documents that will be deleted; unknown keys are logged and skipped.
+        """
+        if isinstance(keys, str):
+            keys = [keys]
+        with self._writing():
+            active = self._active_keys()
+            found = list(dict.fromkeys(k for k in keys if k in active))
+            missing = len(set(keys)) - len(found)
+            if missing:
+                logger.warning(
+                    "delete: %d of %d keys are not in the index; skipped", missing, len(set(keys))
+                )
+            if found:
+                _staging.stage_delete(self.path, self._next_seq(), found)
+                self._active_cache = None
+        return len(found)
+
+    def pending(self) -> int:
+        """Number of staged, uncommitted changes (adds and deletes)."""
+        return len(self._latest_state()[1])
+
+    def commit(self, *, compact: bool = False) -> bool:
+        """Publish the staged changes as a new generation (atomically) and switch to it.
+
+        Args:
+            compact: also drop deleted documents (renumbers document ids; keys are unchanged).
+
+        Returns:
+            True if a new generation was published.
+        """
+        with self._writing():
+            name = _commit.commit(self.path, compact=compact)
+            self._active_cache = None
+        self.refresh()
+        return name is not None
+
+
+def _check_metadata(
+    metadata: Sequence[Mapping[str, Any]], rows: int
+) -> tuple[list[str], list[str]]:
+    if len(metadata) != rows:
+        raise LexVLAError(f"SparseIndex.add: {rows} vectors but {len(metadata)} metadata dicts")
+    lines, keys = [], []
+    for i, record in enumerate(metadata):
+        key = record.get("key") if isinstance(record, Mapping) else None
+        if not isinstance(key, str) or not key:
+            raise LexVLAError(f"SparseIndex.add: metadata {i} needs a non-empty string 'key'")
+        keys.append(key)
+        lines.append(_io.jsonable(record, f"SparseIndex.add metadata {i}"))
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise LexVLAError(f"SparseIndex.add: key {dup!r} appears twice in the batch")
+    return lines, keys
