@@ -34,3 +34,61 @@ def encode_top_words(
         else:
             weights = model.encode_text([text or ""]).text_weights[0]
     return model.top_words(weights[None], k, merge_pieces=merge_pieces)[0]
+
+
+def merge_pieces(weights: Tensor | Sequence[float], words: Sequence[str]) -> dict[str, float]:
+    """Non-zero entries of one (V,) vector as `{word: weight}`, a `##piece` summed into its word.
+
+    "##dog" and "dog" become one entry "dog" (docs/method.md: word clouds may merge a word with its
+    `##` twin); a piece without a twin shows as its plain form.
+    """
+    values = torch.as_tensor(weights).double().flatten()
+    merged: dict[str, float] = {}
+    for i in torch.nonzero(values).flatten().tolist():
+        word = words[i].removeprefix("##")
+        merged[word] = merged.get(word, 0.0) + float(values[i])
+    return merged
+
+
+OTHER_WORDS = "(other words)"
+
+
+def explain_score(
+    image_weights: Tensor,
+    text_weights: Tensor,
+    words: Sequence[str],
+    k: int = 10,
+    *,
+    merge: bool = False,
+) -> list[tuple[str, float]]:
+    """Per-word explanation of an image-text score `s = Σ_v image[v] · text[v]`.
+
+    Args:
+        image_weights: (V,) image vector (as scored: usually sparsified).
+        text_weights: (V,) text vector.
+        words: (V,) display words.
+        k: number of top contributing words listed.
+        merge: sum a `##piece`'s contribution into its word first.
+
+    Returns:
+        Up to `k` (word, contribution) pairs, largest first, then `("(other words)", remainder)` when
+        more words contribute; the contributions sum to the score (float64, exact up to rounding).
+    """
+    image, text = image_weights.double().flatten(), text_weights.double().flatten()
+    if image.shape != text.shape or image.numel() != len(words):
+        raise ValueError(
+            f"image {tuple(image.shape)}, text {tuple(text.shape)} and {len(words)} words differ"
+        )
+    contrib = image * text  # (V,)
+    if merge:
+        per_word = merge_pieces(contrib, words)
+        names, values = list(per_word), torch.tensor(list(per_word.values()), dtype=torch.float64)
+    else:
+        ids = torch.nonzero(contrib).flatten()
+        names, values = [words[i] for i in ids.tolist()], contrib[ids]
+    order = torch.argsort(values, descending=True, stable=True)
+    top = order[:k].tolist()
+    out = [(names[i], float(values[i])) for i in top]
+    if len(order) > k:
+        out.append((OTHER_WORDS, float(values[order[k:]].sum())))
+    return out
