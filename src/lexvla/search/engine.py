@@ -85,7 +85,13 @@ class SearchEngine:
         return cls(model, index, **kwargs)
 
     def __len__(self) -> int:
+        """Active (searchable) documents."""
         return len(self.index)
+
+    @property
+    def num_docs(self) -> int:
+        """Document ids are 0..num_docs-1 (deleted documents keep their id until compaction)."""
+        return self.index.num_docs
 
     def info(self) -> dict[str, Any]:
         """Index size, vocabulary size and the model reference, for display."""
@@ -193,24 +199,27 @@ class SearchEngine:
     # ------------------------------------------------------------------------------ documents
     def document(self, doc: int) -> dict[str, Any]:
         """The stored metadata of a document id (LexVLAError when the id is not in the index)."""
-        self._check_doc(doc)
-        return dict(self.index.metadata(doc))
+        self.check_doc(doc)
+        return dict(self.index.document(int(doc)))
 
     def document_vector(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         """The stored sparse vector of a document: (word ids int, weights float32)."""
-        self._check_doc(doc)
-        ids, values = self.index.vector(doc)
+        self.check_doc(doc)
+        ids, values = self.index.vector(int(doc))
         return np.asarray(ids, dtype=np.int64), np.asarray(values, dtype=np.float32)
 
     def document_image(self, doc: int) -> Image.Image:
         """The image of a document, read from where the corpus recorded it (never from a request)."""
         return load_image(read_document_bytes(self.document(doc)))
 
-    def _check_doc(self, doc: int) -> None:
+    def check_doc(self, doc: int) -> None:
+        """Raise LexVLAError unless `doc` is the id of an active document of the index."""
         if isinstance(doc, bool) or not isinstance(doc, int | np.integer):
             raise LexVLAError(f"document id must be an integer, got {doc!r}")
-        if not 0 <= int(doc) < len(self.index):
-            raise LexVLAError(f"document {doc} is not in the index (ids 0..{len(self.index) - 1})")
+        if not 0 <= int(doc) < self.num_docs or self.index.is_deleted(int(doc)):
+            raise LexVLAError(
+                f"document {doc} is not in the index (ids are 0..{self.num_docs - 1})"
+            )
 
     # ------------------------------------------------------------------------------ looking inside
     def grounding(
@@ -291,7 +300,7 @@ def _hit_dict(hit: Any, words: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _check_same_vocabulary(words: tuple[str, ...], index: SparseIndex) -> None:
-    index_words = list(index.words)
+    index_words = list(index.vocab)
     if index_words != list(words):
         raise LexVLAError(
             f"the index was built with a different vocabulary ({len(index_words)} words) than "
