@@ -97,8 +97,8 @@ def _sample_fields(item: Any, index: int) -> tuple[str, str | Path | Image.Image
     A sample's image is kept as its `path` when that file exists (re-read when encoded, so a large
     dataset is never held in memory), else as the PIL image.
     """
-    if hasattr(item, "captions") and hasattr(item, "image"):
-        path = getattr(item, "path", None)
+    if hasattr(item, "captions"):  # a dataset sample (`.image` not touched when `.path` exists)
+        path = getattr(item, "path", None) or None
         image = path if path is not None and Path(str(path)).is_file() else item.image
         key = getattr(item, "key", None) or (str(path) if path is not None else str(index))
         captions = item.captions
@@ -119,13 +119,18 @@ def _sample_fields(item: Any, index: int) -> tuple[str, str | Path | Image.Image
 def collect_retrieval_data(
     dataset_or_pairs: RetrievalData | Iterable[Any], *, limit: int | None = None
 ) -> RetrievalData:
-    """Flatten a dataset (samples with `.image`, `.captions`) or (image, caption(s)) pairs.
+    """Flatten a dataset (samples with `.image`, `.captions`; `None` items skipped) or pairs.
 
     Pairs that name the same image (same path or the same PIL object) are merged into one image with
     several captions. `limit` keeps the first `limit` images.
     """
     if isinstance(dataset_or_pairs, RetrievalData):
         return dataset_or_pairs
+    records = getattr(dataset_or_pairs, "records", None)
+    if isinstance(records, Sequence) and records and hasattr(records[0], "path"):
+        # File datasets (lexvla.data.ImageTextDataset): read keys, paths and captions without
+        # decoding every image; an unreadable image then fails when encoded, naming its file.
+        dataset_or_pairs = records
     index_of: dict[str, int] = {}
     images: list[str | Path | Image.Image] = []
     keys: list[str] = []
@@ -133,6 +138,8 @@ def collect_retrieval_data(
     owners: list[int] = []
     words: list[list[str]] = []
     for position, item in enumerate(dataset_or_pairs):
+        if item is None:  # a dataset's undecodable image (counted and logged by the dataset)
+            continue
         key, image, texts = _sample_fields(item, position)
         if key not in index_of:
             if limit is not None and len(images) >= limit:
