@@ -182,7 +182,5 @@ def commit(root: Path, *, compact: bool = False) -> str | None:
     for op in ops:
         _staging.remove_op(op)
     _gc(root, keep={name, current})
-    logger.info(
-        "published %s: %d documents (%d staged changes applied)", name, len(table.keys), len(ops)
-    )
+    logger.info("published %s (%d staged changes applied, compact=%s)", name, len(ops), compact)
     return name

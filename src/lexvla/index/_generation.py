@@ -160,7 +160,7 @@ def _write_blob(path: Path, pieces: list[bytes | memoryview]) -> None:
         for piece in pieces:
             f.write(piece)
         f.flush()
-        os.fsync(f.fileno())
+        _io.fsync_file(f.fileno())
 
 
 def link_generation(

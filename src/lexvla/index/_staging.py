@@ -80,7 +80,7 @@ def stage_add(
     with open(tmp / "docs.jsonl", "wb") as f:
         f.write(docs)
         f.flush()
-        os.fsync(f.fileno())
+        _io.fsync_file(f.fileno())
     files["docs.jsonl"] = _io.sha256_file(tmp / "docs.jsonl")
     info = {"seq": seq, "rows": len(keys), "keys": keys, "source": source, "files": files}
     _io.atomic_write_json(tmp / "info.json", info)

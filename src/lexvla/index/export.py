@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lexvla.index import _io
 from lexvla.index.sparse import SparseIndex
 
 
@@ -50,7 +51,7 @@ def export_jsonl(index: SparseIndex, path: str | Path, *, scale: float = 100.0) 
                 f.write("\n")
                 written += 1
             f.flush()
-            os.fsync(f.fileno())
+            _io.fsync_file(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
