@@ -1,0 +1,1 @@
+"""A local web page and JSON API for searching an index (`lexvla serve`)."""
