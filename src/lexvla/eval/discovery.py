@@ -283,3 +283,48 @@ def discovery_table(result: dict[str, Any], top: int = 10) -> str:
                 f"most frequent: {false}"
             )
     return "\n".join(lines)
+
+
+def run_false_discoveries(
+    model: Any,
+    data: str | Path,
+    *,
+    images: str | Path | None = None,
+    split: str = "test",
+    holdout: int = 0,
+    limit: int | None = None,
+    top_frac: float = 0.5,
+    batch_size: int = 32,
+    cache_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`lexvla eval discovery`: overuse and false discoveries on a data path, JSON report to `out`.
+
+    Arguments as :func:`lexvla.eval.retrieval.run_retrieval`; print with :func:`discovery_table`.
+    """
+    from lexvla.eval.report import model_info, write_report
+    from lexvla.eval.retrieval import load_captioned_data, resolve_model
+
+    model, ref = resolve_model(model)
+    dataset, data_info = load_captioned_data(data, images=images, split=split, holdout=holdout)
+    pairs = collect_retrieval_data(dataset, limit=limit)
+    result = evaluate_false_discoveries(
+        model,
+        pairs,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        progress=progress,
+        top_frac=top_frac,
+    )
+    if out is not None:
+        data_info.update(limit=limit, fingerprint=pairs.fingerprint())
+        settings = {
+            "top_frac": top_frac,
+            "threshold": result["threshold"],
+            "batch_size": batch_size,
+        }
+        write_report(
+            out, result, model_ref=model_info(model, ref), data=data_info, settings=settings
+        )
+    return result

@@ -160,11 +160,10 @@ def _mean_present(iou: Tensor) -> float:
 def _as_sample(item: Any, index: int) -> SegmentationSample:
     if isinstance(item, SegmentationSample):
         return item
-    if hasattr(item, "mask") and hasattr(item, "image"):
+    if hasattr(item, "mask"):  # a dataset sample; `.image` is not decoded here when `.path` exists
         key = getattr(item, "key", None) or str(getattr(item, "path", None) or index)
-        image = getattr(item, "path", None) or item.image
-        if not isinstance(image, Image.Image) and not Path(str(image)).is_file():
-            image = item.image
+        path = getattr(item, "path", None) or None
+        image = path if path is not None and Path(str(path)).is_file() else item.image
         return SegmentationSample(str(key), image, np.asarray(item.mask))
     if isinstance(item, Sequence) and len(item) in (2, 3) and not isinstance(item, str):
         image, mask = item[0], item[1]
@@ -387,3 +386,92 @@ def write_overlay(
 def _safe_name(key: str) -> str:
     stem = Path(key).stem if ("/" in key or "." in key) else key
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem) or "image"
+
+
+# ------------------------------------------------------------------------------ CLI entry points
+def load_patchdis_data(
+    data: str | Path, *, images: str | Path | None = None, split: str = "val"
+) -> tuple[Any, list[str]]:
+    """Images with semantic masks and their class names, from a path.
+
+    Args:
+        data: COCO `instances_*.json`, a PASCAL VOC folder (holding `SegmentationClass/`), or
+            `synthetic[:N]` (the procedural dataset's shape masks).
+        images: image folder of the COCO file (default: beside `annotations/`).
+        split: VOC image list `ImageSets/Segmentation/<split>.txt`.
+
+    Returns:
+        (dataset of samples with `.image`/`.path` and `.mask`, class names with [0] = "background").
+    """
+    from lexvla.data import masks
+
+    text = str(data)
+    if text == "synthetic" or text.startswith("synthetic:"):
+        from lexvla.data.datasets import synthetic_size
+        from lexvla.data.synthetic import SyntheticDataset
+
+        dataset: Any = SyntheticDataset(synthetic_size(text, 64))
+    elif Path(text).is_dir():
+        dataset = masks.VocMasks(text, split=split)
+    elif Path(text).suffix.lower() == ".json":
+        dataset = masks.CocoInstanceMasks(text, images)
+    else:
+        raise LexVLAError(
+            f"PatchDis data {text!r}: give COCO instances_*.json, a VOC folder with "
+            "SegmentationClass/, or synthetic:N"
+        )
+    return dataset, list(dataset.class_names)
+
+
+def run_patchdis(
+    model: Any,
+    data: str | Path,
+    *,
+    images: str | Path | None = None,
+    split: str = "val",
+    limit: int | None = None,
+    threshold: float | None = None,
+    thresholds: Sequence[float] = (),
+    sparsify: OperatingPoint | None = None,
+    batch_size: int = 4,
+    overlays: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`lexvla eval patchdis`: build model and data, evaluate, write overlays and the JSON report.
+
+    `model` is a preset name, a run/checkpoint folder or a model object; `overlays` is the folder
+    for the per-image PNGs. Print the result with :func:`patchdis_table`.
+    """
+    from lexvla.eval.report import model_info, write_report
+    from lexvla.eval.retrieval import resolve_model
+
+    model, ref = resolve_model(model)
+    dataset, class_names = load_patchdis_data(data, images=images, split=split)
+    result = evaluate_patchdis(
+        model,
+        dataset,
+        class_names,
+        threshold=threshold,
+        thresholds=thresholds,
+        sparsify=sparsify,
+        batch_size=batch_size,
+        out_dir=overlays,
+        progress=progress,
+        limit=limit,
+    )
+    if out is not None:
+        data_info = {"path": str(data), "images": str(images) if images else None, "limit": limit}
+        settings = {
+            "threshold": result["threshold"],
+            "rule": result["rule"],
+            "sparsify": result["sparsify"],
+            "crop": False,
+            "upsampling": "nearest on pixel centres",
+            "batch_size": batch_size,
+        }
+        data_info["classes"] = len(class_names)
+        write_report(
+            out, result, model_ref=model_info(model, ref), data=data_info, settings=settings
+        )
+    return result

@@ -241,3 +241,48 @@ def _point_tag(point: dict[str, Any]) -> str:
     return (
         "dense" if point["point"] == "dense" else (f"{words:.0f}" if not math.isnan(words) else "?")
     )
+
+
+def run_sparsity_curve(
+    model: Any,
+    data: str | Path,
+    *,
+    images: str | Path | None = None,
+    split: str = "test",
+    holdout: int = 0,
+    limit: int | None = None,
+    operating_points: Iterable[OperatingPoint] = DEFAULT_OPERATING_POINTS,
+    batch_size: int = 32,
+    cache_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    plot: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`lexvla eval sparsity`: the curve of a model on a data path, JSON report to `out`, PNG to `plot`.
+
+    Arguments as :func:`lexvla.eval.retrieval.run_retrieval` and :func:`sparsity_curve`; print the
+    result with :func:`sparsity_table`.
+    """
+    from lexvla.eval.report import model_info, write_report
+    from lexvla.eval.retrieval import load_captioned_data, resolve_model
+
+    model, ref = resolve_model(model)
+    dataset, data_info = load_captioned_data(data, images=images, split=split, holdout=holdout)
+    pairs = collect_retrieval_data(dataset, limit=limit)
+    points = list(operating_points)
+    result = sparsity_curve(
+        model,
+        pairs,
+        points,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        progress=progress,
+        plot_path=plot,
+    )
+    if out is not None:
+        data_info.update(limit=limit, fingerprint=pairs.fingerprint())
+        settings = {"operating_points": points, "batch_size": batch_size, "crop": True}
+        write_report(
+            out, result, model_ref=model_info(model, ref), data=data_info, settings=settings
+        )
+    return result
