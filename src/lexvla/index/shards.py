@@ -18,9 +18,11 @@ the manifest, so an encoder killed mid-shard simply redoes that shard.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,8 +222,6 @@ def write_shard(
 
 
 def _sha(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
 
 
@@ -243,7 +243,7 @@ def _load_npz(path: Path, info: ShardInfo, vocab_size: int) -> dict[str, np.ndar
         raise LexVLAError(
             f"{path} is missing (listed in the manifest); re-encode shard {info.name}"
         ) from None
-    except (ValueError, OSError, EOFError) as err:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         raise LexVLAError(
             f"{path} cannot be read ({err}); it is corrupt or holds pickled objects (refused)"
         ) from None
@@ -291,8 +291,11 @@ def read_shard(directory: str | Path, name: str, *, verify: bool = True) -> Shar
 
 def _read_jsonl(path: Path, rows: int) -> list[dict[str, Any]]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines]
+        text = path.read_text(encoding="utf-8")
+        # split on "\n" only: str.splitlines() would also split inside captions at U+0085, U+2028...
+        records = [json.loads(line) for line in text.split("\n")[:-1]] if text else []
+        if text and not text.endswith("\n"):
+            raise json.JSONDecodeError("missing final newline", text, len(text))
     except FileNotFoundError:
         raise LexVLAError(f"{path} is missing (listed in the manifest); re-encode it") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
