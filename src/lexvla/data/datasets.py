@@ -175,7 +175,7 @@ def split_holdout(dataset: Any, n: int) -> tuple[Any, Any]:
     The same files always land in the holdout, whatever their order in the annotation file, so a
     model is evaluated on images its training never saw (e.g. 64 / 16 on coco-mini).
     """
-    if not hasattr(dataset, "__getitem__"):
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise LexVLAError(
             "data.holdout needs a map-style dataset (caption JSON, CSV/TSV or synthetic); streaming "
             "shards cannot be split: hold out whole shards instead"

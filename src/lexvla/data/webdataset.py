@@ -182,6 +182,13 @@ def _captions(group: dict[str, Any], meta: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ dataset
+class _NoRandomAccess:
+    """Hides `Dataset.__getitem__` so `hasattr(ds, "__getitem__")` tells streaming data apart."""
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        raise AttributeError("a ShardDataset streams: it has no random access (__getitem__)")
+
+
 class ShardDataset(IterableDataset):
     """Stream samples from tar shards, split across distributed ranks and DataLoader workers.
 
@@ -214,6 +221,8 @@ class ShardDataset(IterableDataset):
             logger.warning(
                 "%d shards for %d ranks: some ranks get no data", len(self.shards), self.world_size
             )
+
+    __getitem__ = _NoRandomAccess()
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shard order of the next iteration (call before each epoch, on every rank)."""
