@@ -261,3 +261,19 @@ def test_property_search_equals_brute_force(
         b_ids, b_scores = index.search_batch([0, len(terms)], terms, q[terms], k)
         np.testing.assert_array_equal(b_ids[0, : len(ids)], ids)
         np.testing.assert_array_equal(b_scores[0, : len(ids)], scores)
+
+
+def test_metadata_round_trips_exotic_text(tmp_path: Path) -> None:
+    """Line and paragraph separators inside captions must not split a metadata line."""
+    captions = ["a\u2028b", "c\x85d", 'quote " and \\ slash', "naïve café 🐕", "line\nbreak"]
+    docs = sp.csr_matrix(np.eye(5, V, dtype=np.float32))
+    index = SparseIndex.create(tmp_path / "i", _vocab(), {})
+    meta = [
+        {"key": f"k{i}", "path": "p", "caption": c, "extra": [i, None]}
+        for i, c in enumerate(captions)
+    ]
+    index.add(docs.indptr, docs.indices, docs.data, meta)
+    index.commit()
+    for i in range(5):
+        assert index.search([i], [1.0])[0].metadata == meta[i]
+        assert SparseIndex.open(tmp_path / "i").document(i) == meta[i]

@@ -265,9 +265,13 @@ def _shapes(m: Mapping[str, Any], post_nnz: int) -> dict[str, tuple[int, ...]]:
 
 
 def _check_structure(
-    path: Path, m: Mapping[str, Any], a: dict[str, np.ndarray], docs_bytes: int, deep: bool
+    path: Path, m: Mapping[str, Any], a: dict[str, np.ndarray], docs_bytes: int
 ) -> None:
-    """Pointers and ids are consistent; `deep` also scans every id (so kernels can never read out of bounds)."""
+    """Pointers are monotone with the right ends and every id is in range.
+
+    Always run, checksums or not: a checksum only proves the file is what some writer wrote, while the
+    kernels index memory with these ids unchecked. Costs one pass over the id arrays (~30 ms / 100k docs).
+    """
     N, V = m["num_docs"], m["vocab_size"]
     problems = []
     for ptr, end in (
@@ -278,11 +282,10 @@ def _check_structure(
         p = a[ptr]
         if p[0] != 0 or p[-1] != end or (len(p) > 1 and np.diff(p).min() < 0):
             problems.append(ptr)
-    if deep:
-        for ids, bound in (("doc_terms", V), ("post_docs", N), ("dense_terms", V)):
-            x = a[ids]
-            if len(x) and (x.min() < 0 or x.max() >= bound):
-                problems.append(ids)
+    for ids, bound in (("doc_terms", V), ("post_docs", N), ("dense_terms", V)):
+        x = a[ids]
+        if len(x) and (x.min() < 0 or x.max() >= bound):
+            problems.append(ids)
     if problems:
         raise LexVLAError(
             f"index generation {path} is inconsistent ({', '.join(problems)}): damaged, rebuild it"
@@ -332,7 +335,7 @@ def open_generation(path: Path, *, verify: bool = True) -> Generation:
             f"{path / 'vocab.json'} does not match the manifest's vocabulary hash: rebuild"
         )
     docs_size = m["files"]["docs.jsonl"]["bytes"]
-    _check_structure(path, m, arrays, docs_size, deep=not verify)
+    _check_structure(path, m, arrays, docs_size)
     term_slot = np.full(m["vocab_size"], -1, np.int32)
     term_slot[arrays["dense_terms"]] = np.arange(m["num_dense_terms"], dtype=np.int32)
     docs: bytes | mmap.mmap = b""
