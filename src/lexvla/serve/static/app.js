@@ -13,6 +13,7 @@ const state = {
   selected: null,     // doc id shown in the detail panel
   showAllWords: false,
   inspectFile: null,
+  groundedWord: null, // the one word whose patches are lit, or null for the whole query
 };
 
 const $ = (id) => document.getElementById(id);
@@ -198,7 +199,8 @@ async function selectDoc(doc) {
   $("doc-cloud").replaceChildren();
   clearCanvas($("detail-heatmap"));
   $("heatmap-caption").textContent = "Computing the patches the query selects…";
-  const words = Object.fromEntries(state.words.map((w) => [w.word, w.weight]));
+  state.groundedWord = null;
+  const words = queryWords();
   const [explanation, heat] = await Promise.allSettled([
     postJSON("/api/explain", { doc, words, k: 12 }),
     postJSON("/api/grounding", { doc, words }),
@@ -210,11 +212,26 @@ async function selectDoc(doc) {
   else $("heatmap-caption").textContent = heat.reason.message;
 }
 
+const queryWords = () => Object.fromEntries(state.words.map((w) => [w.word, w.weight]));
+
+// Light up the patches of one query word (click it again for the whole query).
+async function groundWord(word) {
+  const doc = state.selected;
+  state.groundedWord = state.groundedWord === word ? null : word;
+  for (const li of $("explanation").children) li.classList.toggle("active", li.dataset.word === state.groundedWord);
+  const words = state.groundedWord ? { [word]: queryWords()[word] || 1 } : queryWords();
+  try {
+    const heat = await postJSON("/api/grounding", { doc, words });
+    if (state.selected === doc) renderHeatmap(heat);
+  } catch (err) { $("heatmap-caption").textContent = err.message; }
+}
+
 function renderExplanation(ex) {
   $("detail-score").textContent = `score ${fmt(ex.score, 4)} = Σ query × image`;
   const top = Math.max(1e-12, ...ex.words.map((w) => w.contribution));
   $("explanation").replaceChildren(...ex.words.map((w) =>
-    el("li", { "data-testid": "contribution", title: `${fmt(w.query_weight)} × ${fmt(w.doc_weight)}` },
+    el("li", { "data-testid": "contribution", "data-word": w.word, onclick: () => groundWord(w.word),
+               title: `query ${fmt(w.query_weight)} × image ${fmt(w.doc_weight)}; click to see its patches` },
       el("span", { class: "word", text: w.word }),
       el("span", { class: "bar", style: `width:${(100 * w.contribution) / top}%` }),
       el("span", { class: "value", text: fmt(w.contribution, 4) }))));
@@ -230,7 +247,7 @@ function cloud(target, words) {
   const top = Math.max(1e-12, ...words.map((w) => w.weight));
   target.replaceChildren(...words.map((w) => {
     const r = w.weight / top;
-    return el("span", { title: fmt(w.weight), style: `font-size:${(0.8 + 1.3 * r).toFixed(2)}rem;opacity:${(0.45 + 0.55 * r).toFixed(2)}`, text: w.word });
+    return el("span", { title: fmt(w.weight), style: `font-size:${(0.8 + 0.8 * r * r).toFixed(2)}rem;opacity:${(0.5 + 0.5 * r).toFixed(2)}`, text: w.word });
   }));
 }
 
@@ -259,9 +276,11 @@ function renderHeatmap(heat) {
   const counts = {};
   for (const w of strongest) counts[w] = (counts[w] || 0) + 1;
   const common = Object.entries(counts).sort((a, b) => b[1] - a[1]).slice(0, 4).map(([w]) => w);
+  const what = state.groundedWord ? `“${state.groundedWord}”` : "the query";
   $("heatmap-caption").textContent = heat.max > 0
-    ? `Bright patches match the query most (${heat.rows}×${heat.cols} grid); they mostly match: ${common.join(", ")}.`
-    : "No patch shares a word with the query.";
+    ? `Bright patches match ${what} most (${heat.rows}×${heat.cols} patches)` +
+      (state.groundedWord ? "." : `; they mostly match: ${common.join(", ")}.`)
+    : `No patch shares a word with ${what}.`;
 }
 
 // Dim the patches the query does not select; the browser's smoothing softens the grid.
