@@ -192,7 +192,7 @@ def _check_mask(sample: SegmentationSample, num_classes: int) -> None:
 
 
 # ------------------------------------------------------------------------------ model level
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: model caches must stay usable in training
 def encode_class_names(model: Any, class_names: Sequence[str], batch_size: int = 32) -> Tensor:
     """Each foreground class name as the caption in the text prompt: names[1:] -> (C, V) dense."""
     names = list(class_names[1:])
@@ -283,7 +283,7 @@ def _take(samples: Iterable[Any], limit: int | None) -> Iterable[Any]:
         yield item
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: model caches must stay usable in training
 def _batch_scores(
     model: Any,
     batch: Sequence[SegmentationSample],
@@ -311,8 +311,8 @@ def patchdis_table(result: dict[str, Any], top: int = 10) -> str:
     shown = present[:top] + (present[-top:] if len(present) > 2 * top else present[top:])
     table = format_table([[name, 100.0 * v] for name, v in shown], ["class", "IoU %"])
     lines = [
-        f"PatchDis on {result['num_images']} images ({result['grid']}x{result['grid']} patches, "
-        f"{result['sparsify']}); {result['rule']}",
+        f"PatchDis on {result['num_images']} images ({result['grid']}x{result['grid']} patches; "
+        f"vectors sparsified at {result['sparsify']}); {result['rule']}",
         f"mIoU {100 * result['mIoU']:.2f}%  foreground mIoU {100 * result['mIoU/foreground']:.2f}%  "
         f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%",
         table,

@@ -165,7 +165,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="item", disable=not enabled, leave=False)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: model caches must stay usable in training
 def encode_images(
     model: Any,
     images: Sequence[Any],
@@ -184,7 +184,7 @@ def encode_images(
     return torch.cat(out)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: model caches must stay usable in training
 def encode_texts(
     model: Any, texts: Sequence[str], *, batch_size: int = 32, progress: bool = True
 ) -> Tensor:

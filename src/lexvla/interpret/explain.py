@@ -45,7 +45,7 @@ from lexvla.interpret.lexicon import explain_score, merge_pieces
 logger = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: model caches must stay usable in training
 def encode_for_explanation(
     model: Any, image: Image.Image, caption: str | None, sparsify: str | None = None
 ) -> dict[str, Any]:
