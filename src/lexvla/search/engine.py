@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,8 @@ from PIL import Image
 
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
+from lexvla.interpret.grounding import grid_side, text_patch_scores
+from lexvla.interpret.lexicon import OTHER_WORDS, explain_score
 from lexvla.search.corpus import read_document_bytes
 from lexvla.search.query import Query
 
@@ -113,7 +114,7 @@ class SearchEngine:
 
     def query_from_image(self, image: ImageLike) -> Query:
         """Encode an image (path, bytes or PIL) into a query (sparsified, top words kept)."""
-        name = image.name if isinstance(image, Path) else "uploaded image"
+        name = Path(image).name if isinstance(image, str | Path) else "uploaded image"
         picture = load_image(image)
         with self._lock, torch.inference_mode():
             weights = self.model.encode_image([picture]).image_weights
@@ -166,30 +167,32 @@ class SearchEngine:
             to the score.
         """
         doc_ids, doc_values = self.document_vector(doc)
-        q = query.to_dense()
         words = self.vocab.words
-        products = q[doc_ids] * doc_values  # only shared words contribute
-        order = np.argsort(-products, kind="stable")
-        shared = [int(i) for i in order if products[i] > 0]
-        rows = [
-            {
-                "word": words[doc_ids[i]],
-                "query_weight": float(q[doc_ids[i]]),
-                "doc_weight": float(doc_values[i]),
-                "contribution": float(products[i]),
-            }
-            for i in shared[:k]
-        ]
-        score = float(products.sum(dtype=np.float64))
+        stored = torch.zeros(self.vocab.size)
+        stored[torch.from_numpy(doc_ids)] = torch.from_numpy(doc_values)
+        q = torch.from_numpy(query.to_dense())
+        parts = explain_score(stored, q, words, k)  # k largest, then ("(other words)", rest)
+        remainder = parts.pop()[1] if parts and parts[-1][0] == OTHER_WORDS else 0.0
+        rows = []
+        for word, contribution in parts:
+            i = self.vocab.index_of(word)
+            rows.append(
+                {
+                    "word": word,
+                    "query_weight": float(q[i]),
+                    "doc_weight": float(stored[i]),
+                    "contribution": contribution,
+                }
+            )
         doc_order = np.argsort(-doc_values, kind="stable")[:40]
         present = {words[i] for i in doc_ids}
         return {
             "doc": int(doc),
             "key": self.document(doc).get("key", str(doc)),
-            "score": score,
+            "score": sum(r["contribution"] for r in rows) + remainder,
             "words": rows,
-            "remainder": score - sum(r["contribution"] for r in rows),
-            "shared_words": len(shared),
+            "remainder": remainder,
+            "shared_words": int(((q > 0) & (stored > 0)).sum()),
             "doc_words": [
                 {"word": words[doc_ids[i]], "weight": float(doc_values[i])} for i in doc_order
             ],
@@ -237,10 +240,9 @@ class SearchEngine:
         picture = self.document_image(doc) if doc is not None else load_image(image)
         patches = self._patch_weights(picture)  # (P, V)
         q = torch.from_numpy(query.to_dense())
-        products = patches * q  # (P, V)
-        scores = products.sum(-1)
-        best = products.argmax(-1)
-        rows, cols = _grid(patches.shape[0])
+        scores = text_patch_scores(patches, q)  # (P,)
+        best = (patches * q).argmax(-1)  # the query word each patch matches most
+        rows = cols = grid_side(patches.shape[0])
         words = [self.vocab.words[int(b)] if float(s) > 0 else "" for b, s in zip(best, scores)]
         return {
             "rows": rows,
@@ -257,7 +259,7 @@ class SearchEngine:
             out = self.model.encode_image([picture], return_patches=True, crop=False)
         image_words = self.model.top_words(out.image_weights.float(), k)[0]
         patches = out.patch_weights[0].float()  # (P, V)
-        rows, cols = _grid(patches.shape[0])
+        rows = cols = grid_side(patches.shape[0])
         per = self.model.top_words(patches, per_patch)
         grid = [
             [[{"word": w, "weight": v} for w, v in per[r * cols + c]] for c in range(cols)]
@@ -274,13 +276,6 @@ class SearchEngine:
         with self._lock, torch.inference_mode():
             out = self.model.encode_image([picture], return_patches=True, crop=False)
         return out.patch_weights[0].float().cpu()
-
-
-def _grid(num_patches: int) -> tuple[int, int]:
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        return 1, num_patches
-    return side, side
 
 
 def _hit_dict(hit: Any, words: tuple[str, ...]) -> dict[str, Any]:
