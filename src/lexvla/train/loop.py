@@ -92,7 +92,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progres
     if dist.rank == 0:
         ckpt.write_text_atomic(run_dir / "config.json", to_json(cfg))
     model = LexVLA(cfg.model, device=dist.device)
-    model.set_grad_checkpointing(cfg.train.grad_checkpointing and cfg.model.text.use_lora)
+    if cfg.train.grad_checkpointing and cfg.model.text.use_lora:
+        model.set_grad_checkpointing(True)
     optimizer = create_optimizer(model.trainable_parameters(), cfg.train)
     scheduler = create_scheduler(optimizer, cfg.train)
     state = TrainState()
