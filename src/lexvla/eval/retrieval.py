@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -337,7 +336,8 @@ def recall_from_weights(
     """
     image_weights, text_weights = image_weights.float(), text_weights.float()
     dot = image_weights @ text_weights.t()  # (N_i, N_t)
-    cosine = F.normalize(image_weights, dim=-1) @ F.normalize(text_weights, dim=-1).t()
+    norms = image_weights.norm(dim=-1)[:, None] * text_weights.norm(dim=-1)[None, :]
+    cosine = dot / norms.clamp_min(1e-12)  # (N_i, N_t)
     result: dict[str, Any] = dict(retrieval_recall(dot, text_to_image, ks))
     result["cosine"] = retrieval_recall(cosine, text_to_image, ks)
     return result
