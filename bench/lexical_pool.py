@@ -45,6 +45,10 @@ MIB = 2**20
 
 
 # ------------------------------------------------------------------------------ measurement helpers
+def _load() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def machine_info() -> dict[str, object]:
     cpu = platform.processor()
     try:
@@ -58,8 +62,8 @@ def machine_info() -> dict[str, object]:
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "load_average": _load(),
         "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -227,6 +231,7 @@ def main() -> None:
     if args.quick:
         args.batch, args.patches, args.dim, args.vocab, args.chunk = 4, 32, 64, 3000, 512
         args.extra_chunks = [256]
+    machine = machine_info()  # before the runs: the load average is the one at the start
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     b, p, d, v = args.batch, args.patches, args.dim, args.vocab
@@ -247,10 +252,12 @@ def main() -> None:
     for pool in variants.values():  # load BLAS / profiler libraries before measuring anything
         peak_memory(pool, *tiny, torch.randn(2, 16))
     results = bench_all(variants, inputs, args.repeats)
-    write_report(args, results, device)
+    write_report(args, results, device, machine)
 
 
-def write_report(args: argparse.Namespace, results: dict, device: torch.device) -> None:
+def write_report(
+    args: argparse.Namespace, results: dict, device: torch.device, machine: dict
+) -> None:
     ref = results["naive"].pop("outputs")
     main_fused = f"fused_chunk{args.chunk}"
     for name, res in results.items():
@@ -270,7 +277,7 @@ def write_report(args: argparse.Namespace, results: dict, device: torch.device) 
         "benchmark": "lexical max-pool over patches, forward + backward (bench/lexical_pool.py)",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": machine,
         "inputs": {
             "B": args.batch,
             "P": args.patches,
@@ -291,7 +298,7 @@ def write_report(args: argparse.Namespace, results: dict, device: torch.device) 
             "memory_includes": "every tensor allocated during the run: outputs, saved indices, "
             "temporaries and the freshly allocated .grad of hidden and codebook (same for both)",
         },
-        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average_1_5_15min": {"start": machine.pop("load_average"), "end": _load()},
         "results": results,
         "main_fused_variant": main_fused,
         "targets": targets,
