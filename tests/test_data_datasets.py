@@ -164,6 +164,8 @@ def test_detect_format_cases(tmp_path):
     assert detect_format(str(tmp_path / "shards" / "*.tar")) == "wds"
     assert detect_format(str(tmp_path / "shards" / "{00000..00001}.tar")) == "wds"
     assert detect_format(tmp_path / "shards" / "00000.tar") == "wds"
+    (tmp_path / "one.tar.gz").write_bytes(b"")
+    assert detect_format(tmp_path / "one.tar.gz") == "wds"
     (tmp_path / "other.json").write_text('{"foo": []}')
     (tmp_path / "notes.txt").write_text("hello")
     for bad, message in [

@@ -98,6 +98,16 @@ def test_truncated_and_garbage_shards_are_skipped_and_counted(shards, tmp_path):
     assert ds.skips.count >= 2
 
 
+def test_gzipped_shards(shards, tmp_path):
+    import gzip
+
+    paths, dataset = shards
+    gz = tmp_path / "00000.tar.gz"
+    gz.write_bytes(gzip.compress(paths[0].read_bytes()))
+    assert expand_shards(tmp_path) == [str(gz)]
+    assert [s.key for s in ShardDataset(tmp_path)] == [dataset.key(i) for i in range(3)]
+
+
 def test_corrupt_member_and_missing_parts_are_skipped_and_counted(tmp_path):
     path = tmp_path / "mixed.tar"
     with tarfile.open(path, "w") as tar:

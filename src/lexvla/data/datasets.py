@@ -213,10 +213,10 @@ def detect_format(path: str | Path) -> str:
         raise LexVLAError(f"data path not found: {p} ({FORMAT_HELP})")
     suffix = p.suffix.lower()
     if p.is_dir():
-        if any(p.glob("*.tar")):
+        if any(p.glob("*.tar")) or any(p.glob("*.tar.gz")) or any(p.glob("*.tgz")):
             return "wds"
         raise LexVLAError(f"{p} is a directory without .tar shards; {FORMAT_HELP}")
-    if suffix == ".tar":
+    if p.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
         return "wds"
     if suffix == ".csv":
         return "csv"

@@ -1,8 +1,9 @@
 """Streaming image-caption shards in img2dataset's WebDataset layout, without the webdataset package.
 
-A shard is a `.tar` whose members are grouped into samples by key: `000000012.jpg` (or `.png`, `.webp`),
-`000000012.txt` (the caption; one caption per non-empty line) and optionally `000000012.json`
-(`caption` / `captions`, `key`, `words`). The key is the member name up to the first dot of its file name.
+A shard is a `.tar` (or gzipped `.tar.gz` / `.tgz`) whose members are grouped into samples by key:
+`000000012.jpg` (or `.png`, `.webp`), `000000012.txt` (the caption; one caption per non-empty line) and
+optionally `000000012.json` (`caption` / `captions`, `key`, `words`). The key is the member name up to
+the first dot of its file name.
 
 Tars are read with :mod:`tarfile` in streaming mode (`r|*`, gzip allowed) and never extracted: members
 are read into memory one by one. Member names that could escape a folder (absolute, `..`) and anything
@@ -70,7 +71,8 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[str]:
         return [s for item in spec for s in expand_shards(item)]
     text = str(spec)
     if Path(text).is_dir():
-        shards = sorted(str(p) for p in Path(text).glob("*.tar"))
+        folder = Path(text)
+        shards = sorted(str(p) for ext in ("*.tar", "*.tar.gz", "*.tgz") for p in folder.glob(ext))
     else:
         shards = []
         for pattern in expand_braces(text):
