@@ -418,3 +418,25 @@ def test_complete(engine):
     assert words and all(w.startswith("do") or w.startswith("##do") for w in words)
     assert "dog" in engine.complete("dog")
     assert engine.complete("   ") == [] and engine.complete("zzzzq") == []
+
+
+def test_run_search_for_the_cli(engine, tiny_index):
+    from lexvla.search import parse_word_values, run_search
+
+    out = run_search(tiny_index[1], text="a dog", k=3, engine=engine)
+    word = out["results"][0]["words"][0]["word"]
+    steered = run_search(
+        tiny_index[1], text="a dog", k=3, engine=engine, drop=[word], boost=[], explain=True
+    )
+    assert word not in [w["word"] for w in steered["query"]["words"]]
+    assert steered["results"][0]["explanation"]["score"] == pytest.approx(
+        steered["results"][0]["score"], rel=1e-5
+    )
+    added = run_search(tiny_index[1], text="a dog", k=3, engine=engine, add=["cat=5"])
+    assert {"word": "cat", "weight": 5.0} in added["query"]["words"]
+    assert parse_word_values(["dog=2", " cat = 0.5"], "--boost") == {"dog": 2.0, "cat": 0.5}
+    for bad in (["dog"], ["dog=x"], ["=2"], ["dog=-1"], ["dog=inf"]):
+        with pytest.raises(LexVLAError, match="WORD=NUMBER"):
+            parse_word_values(bad, "--boost")
+    with pytest.raises(LexVLAError, match="exactly one"):
+        run_search(tiny_index[1], engine=engine)

@@ -51,6 +51,7 @@ function say(text, isError = false, target = "message") {
 }
 
 const fmt = (x, digits = 3) => Number(x).toFixed(digits);
+const sig = (x) => Number(x).toPrecision(3); // scores and products: 3 significant digits
 
 // ------------------------------------------------------------------------------------- search
 async function searchText(event) {
@@ -175,11 +176,11 @@ function renderResults() {
   grid.replaceChildren();
   for (const hit of state.results) {
     const tags = el("div", { class: "tags" },
-      ...hit.words.slice(0, 4).map((w) => el("span", { class: "tag", title: `contributes ${fmt(w.contribution, 4)}`, text: w.word })));
+      ...hit.words.slice(0, 4).map((w) => el("span", { class: "tag", title: `contributes ${sig(w.contribution)}`, text: w.word })));
     const card = el("button", { type: "button", class: "card", "data-doc": hit.doc, "data-testid": "result", onclick: () => selectDoc(hit.doc) },
       el("img", { src: `/api/docs/${hit.doc}/thumbnail?size=256`, alt: hit.key, loading: "lazy" }),
       el("div", { class: "meta" },
-        el("div", { class: "score", text: fmt(hit.score, 4) }),
+        el("div", { class: "score", text: sig(hit.score) }),
         el("div", { class: "key", title: hit.key, text: hit.metadata.caption || hit.key }),
         tags));
     card.classList.toggle("selected", hit.doc === state.selected);
@@ -227,16 +228,16 @@ async function groundWord(word) {
 }
 
 function renderExplanation(ex) {
-  $("detail-score").textContent = `score ${fmt(ex.score, 4)} = Σ query × image`;
+  $("detail-score").textContent = `score ${sig(ex.score)} = Σ query × image`;
   const top = Math.max(1e-12, ...ex.words.map((w) => w.contribution));
   $("explanation").replaceChildren(...ex.words.map((w) =>
     el("li", { "data-testid": "contribution", "data-word": w.word, onclick: () => groundWord(w.word),
                title: `query ${fmt(w.query_weight)} × image ${fmt(w.doc_weight)}; click to see its patches` },
       el("span", { class: "word", text: w.word }),
       el("span", { class: "bar", style: `width:${(100 * w.contribution) / top}%` }),
-      el("span", { class: "value", text: fmt(w.contribution, 4) }))));
+      el("span", { class: "value", text: sig(w.contribution) }))));
   const rest = [];
-  if (ex.shared_words > ex.words.length) rest.push(`${ex.shared_words - ex.words.length} more shared words add ${fmt(ex.remainder, 4)}.`);
+  if (ex.shared_words > ex.words.length) rest.push(`${ex.shared_words - ex.words.length} more shared words add ${sig(ex.remainder)}.`);
   if (!ex.words.length) rest.push("No query word is among this image's words.");
   if (ex.missing.length) rest.push(`Query words this image lacks: ${ex.missing.join(", ")}.`);
   $("explanation-rest").textContent = rest.join(" ");
@@ -342,10 +343,8 @@ function drawPatchGrid(canvas, img, body, active = null) {
   ctx.textBaseline = "middle";
   for (let r = 0; r < body.rows; r++) {
     for (let c = 0; c < body.cols; c++) {
-      const isActive = active && active[0] === r && active[1] === c;
-      ctx.fillStyle = isActive ? "rgba(47, 107, 111, 0.35)" : "rgba(255, 255, 255, 0.08)";
-      ctx.fillRect(c * w, r * h, w, h);
-      ctx.strokeStyle = "rgba(255, 255, 255, 0.55)";
+      ctx.strokeStyle = `rgba(255, 255, 255, ${w >= 44 ? 0.55 : 0.22})`;
+      ctx.lineWidth = 1;
       ctx.strokeRect(c * w + 0.5, r * h + 0.5, w - 1, h - 1);
       const top = body.patches[r][c][0];
       if (top && w >= 44) {
@@ -356,6 +355,14 @@ function drawPatchGrid(canvas, img, body, active = null) {
         ctx.fillText(top.word, c * w + w / 2, r * h + h / 2, w - 6);
       }
     }
+  }
+  if (active) { // the hovered patch: a clear outline
+    ctx.strokeStyle = "#ffffff";
+    ctx.lineWidth = 3;
+    ctx.strokeRect(active[1] * w + 1.5, active[0] * h + 1.5, w - 3, h - 3);
+    ctx.strokeStyle = "#2f6b6f";
+    ctx.lineWidth = 1.5;
+    ctx.strokeRect(active[1] * w + 1.5, active[0] * h + 1.5, w - 3, h - 3);
   }
   canvas.onmousemove = (event) => {
     const rect = canvas.getBoundingClientRect();
