@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -219,3 +220,38 @@ def test_load_patchdis_data_formats(tmp_path):
     assert names[0] == "background" and len(dataset) == 3
     with pytest.raises(LexVLAError, match="instances"):
         P.load_patchdis_data(tmp_path / "x.txt")
+
+
+def test_voc_and_coco_files_through_run_patchdis(tiny_model, tmp_path):
+    pytest.importorskip("lexvla.data.masks")
+    # VOC layout: JPEGImages/<id>.jpg + SegmentationClass/<id>.png (palette index = class, 255 void).
+    voc = tmp_path / "VOC"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "SegmentationClass").mkdir()
+    mask = np.zeros((30, 40), dtype=np.uint8)
+    mask[5:20, 10:30], mask[0, :] = 12, 255  # a "dog" and a void row
+    Image.new("RGB", (40, 30), (90, 60, 30)).save(voc / "JPEGImages" / "a.jpg")
+    png = Image.fromarray(mask, mode="P")
+    png.putpalette(P.palette(256).ravel().tolist())
+    png.save(voc / "SegmentationClass" / "a.png")
+    result = P.run_patchdis(tiny_model, voc, out=tmp_path / "voc.json", progress=False)
+    assert result["num_images"] == 1 and set(result["per_class_iou"]) >= {"background", "dog"}
+    assert result["pixels"] == 30 * 40 - 40  # the void row is ignored
+    # COCO instances: one polygon on one image.
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "coco" / "train2017" / "b.jpg")
+    instances = {
+        "images": [{"id": 1, "file_name": "b.jpg", "height": 30, "width": 40}],
+        "annotations": [
+            {"id": 7, "image_id": 1, "category_id": 18, "iscrowd": 0, "area": 200.0,
+             "segmentation": [[10, 10, 30, 10, 30, 20, 10, 20]]},
+        ],
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+    }  # fmt: skip
+    (tmp_path / "coco" / "annotations").mkdir()
+    path = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    path.write_text(json.dumps(instances))
+    result = P.run_patchdis(tiny_model, path, out=tmp_path / "coco.json", progress=False)
+    assert list(result["per_class_iou"]) == ["background", "person", "dog"]
+    report = json.loads((tmp_path / "coco.json").read_text())
+    assert report["data"]["classes"] == 3 and "background when" in report["settings"]["rule"]
