@@ -138,3 +138,8 @@ def test_explain_without_caption_and_chosen_patches(tiny_model, tmp_path):
     assert [p["index"] for p in out["patches"]] == [1, 3]
     assert "score" not in out
     _assert_self_contained((tmp_path / "index.html").read_text())
+
+
+def test_explain_builds_a_model_from_its_name(tmp_path):
+    out = explain("tiny", Image.new("RGB", (30, 30), (9, 99, 199)), "a red bus", tmp_path)
+    assert out["model"] == "tiny" and "tiny" in (tmp_path / "index.html").read_text()

@@ -81,7 +81,7 @@ def explain(
     """Explain what `model` reads in an image (and why it matches `caption`); write PNGs and a page.
 
     Args:
-        model: a LexVLA model.
+        model: a LexVLA model, or a preset name / run or checkpoint folder to build one from.
         image_path: the image (path or PIL image).
         caption: optional text to score against the image and ground in it.
         out_dir: folder for the PNGs, `explanation.json` and `index.html` (created).
@@ -95,6 +95,11 @@ def explain(
         `{"image", "caption", "score", "contributions", "image_words", "text_words", "patches",
         "grid", "files": {name: path}, "html": path}`.
     """
+    if isinstance(model, str | Path):
+        from lexvla.models.factory import create_model
+
+        model_ref = model_ref or str(model)
+        model = create_model(model).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image = load_image(image_path)
