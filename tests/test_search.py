@@ -141,6 +141,9 @@ def test_encode_folder_report_and_resume(tiny_model, tmp_path):
     again = encode_corpus(tiny_model, tmp_path / "images", out, chunk_size=4, progress=False)
     assert again["encoded"] == [] and again["skipped"] == report["encoded"]
     assert again["failed"] == report["failed"]  # failures of finished shards are still reported
+    make_image(0).save(tmp_path / "images" / "000-new.png")  # sorts first: every chunk shifts
+    with pytest.raises(LexVLAError, match="image folder changed"):
+        encode_corpus(tiny_model, tmp_path / "images", out, chunk_size=4, progress=False)
 
 
 def test_encode_sparsity_cap_and_types(tiny_model, tmp_path):

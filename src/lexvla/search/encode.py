@@ -107,6 +107,7 @@ def encode_corpus(
     with _progress_bar(mine, progress, rank) as bar:
         for shard in mine:
             if shard_files.shard_finished(out_dir, shard.name):
+                _check_unchanged(out_dir, shard)
                 report["skipped"].append(shard.name)
                 report["failed"].extend(_read_failures(out_dir, shard.name))
                 continue
@@ -202,6 +203,22 @@ def clean_error(err: Exception, name: str) -> str:
     """A decode error message naming `name` instead of PIL's in-memory buffer."""
     message = str(err).replace("<bytes>", name)
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", message)
+
+
+def _check_unchanged(out_dir: Path, shard: CorpusShard) -> None:
+    """A finished folder chunk must still hold the same files (else its chunks have shifted)."""
+    if shard.tar is not None:
+        return
+    from lexvla.index import shards as shard_files
+
+    done = {m["key"] for m in shard_files.read_shard(out_dir, shard.name, verify=False).metadata}
+    done |= {f["key"] for f in _read_failures(out_dir, shard.name)}
+    now = {p.relative_to(shard.root).as_posix() if shard.root else p.name for p in shard.files}
+    if done != now:
+        raise LexVLAError(
+            f"the image folder changed since {out_dir} was written (shard {shard.name} held other "
+            "files): encode into a new --out folder, or put new images in WebDataset tars"
+        )
 
 
 def _read_failures(out_dir: Path, shard: str) -> list[dict[str, str]]:
