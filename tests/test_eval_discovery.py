@@ -61,7 +61,11 @@ def test_overuse_and_false_discovery_by_hand():
     assert truth_stats["false_discovery_mass"]["mean"] == pytest.approx(
         (0.6 / 1.2 + 0.1 / 1.1 + 0.7 / 1.0) / 3
     )
-    assert truth_stats["most_frequent_false"][0] == {"word": "the", "count": 2}
+    assert truth_stats["most_frequent_false"][0] == {
+        "word": "the",
+        "count": 2,
+        "weight": pytest.approx(0.9),
+    }
     assert "text" not in out
     assert "false discoveries" in discovery_table(out)
 

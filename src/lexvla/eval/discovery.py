@@ -141,12 +141,13 @@ def discovery_against_truth(
         active_weights: (N, V) sparsified weights.
         words: (V,) display words.
         truth: N collections of captions or words (tokenised with :func:`caption_words`).
-        top_n: how many of the most frequent false discoveries to list.
+        top_n: how many of the most frequent false discoveries to list (by number of vectors, then
+            summed weight).
     """
     normalized = [normalize_word(w) for w in words]
     vocab_forms = set(normalized)
     shares, mass_shares, recalls = [], [], []
-    false_counts: dict[str, int] = {}
+    false_counts: dict[str, tuple[int, float]] = {}  # word -> (vectors, summed weight)
     for row, gt in zip(active_weights, truth):
         gt_words = caption_words(gt)
         forms = truth_forms(gt_words)
@@ -157,17 +158,18 @@ def discovery_against_truth(
         shares.append(len(wrong) / len(ids))
         mass_shares.append(float(row[wrong].sum() / row[ids].sum()) if wrong else 0.0)
         for i in wrong:
-            false_counts[words[i]] = false_counts.get(words[i], 0) + 1
+            count, mass = false_counts.get(words[i], (0, 0.0))
+            false_counts[words[i]] = (count + 1, mass + float(row[i]))
         known = [w for w in gt_words if w in vocab_forms]
         if known:
             hit = {normalized[i] for i in ids}
             recalls.append(sum(w in hit for w in known) / len(known))
-    top = sorted(false_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_n]
+    top = sorted(false_counts.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[:top_n]
     return {
         "false_discovery_share": _summary(torch.tensor(shares)),
         "false_discovery_mass": _summary(torch.tensor(mass_shares)),
         "gt_recall": _summary(torch.tensor(recalls)),
-        "most_frequent_false": [{"word": w, "count": c} for w, c in top],
+        "most_frequent_false": [{"word": w, "count": c, "weight": m} for w, (c, m) in top],
         "evaluated": len(shares),
     }
 
