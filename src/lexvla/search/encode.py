@@ -185,7 +185,7 @@ def _flush(
     """Encode a batch of decoded images; append their sparse rows and metadata; empty the batch."""
     if not batch:
         return
-    with torch.inference_mode():
+    with torch.no_grad():
         weights = model.encode_image([image for _, image in batch]).image_weights  # (B, V)
         sparse = model.to_sparse(weights.float(), max_words=cap)
     indptr = sparse.indptr.cpu().numpy()

@@ -108,7 +108,10 @@ class SearchEngine:
         """Encode a text with the model's text branch into a query (sparsified, top words kept)."""
         if not isinstance(text, str) or not text.strip():
             raise LexVLAError("the text query is empty: type a few words describing the image")
-        with self._lock, torch.inference_mode():
+        with (
+            self._lock,
+            torch.no_grad(),
+        ):  # no_grad, not inference_mode: model caches stay trainable
             weights = self.model.encode_text([text.strip()]).text_weights
         return self._to_query(weights, f"text: {text.strip()}")
 
@@ -116,7 +119,10 @@ class SearchEngine:
         """Encode an image (path, bytes or PIL) into a query (sparsified, top words kept)."""
         name = Path(image).name if isinstance(image, str | Path) else "uploaded image"
         picture = load_image(image)
-        with self._lock, torch.inference_mode():
+        with (
+            self._lock,
+            torch.no_grad(),
+        ):
             weights = self.model.encode_image([picture]).image_weights
         return self._to_query(weights, f"image: {name}")
 
@@ -255,7 +261,10 @@ class SearchEngine:
     def describe_image(self, image: ImageLike, k: int = 25, per_patch: int = 3) -> dict[str, Any]:
         """Image-level top words and each patch's top words (for the page's upload section)."""
         picture = load_image(image)
-        with self._lock, torch.inference_mode():
+        with (
+            self._lock,
+            torch.no_grad(),
+        ):
             out = self.model.encode_image([picture], return_patches=True, crop=False)
         image_words = self.model.top_words(out.image_weights.float(), k)[0]
         patches = out.patch_weights[0].float()  # (P, V)
@@ -273,7 +282,10 @@ class SearchEngine:
         }
 
     def _patch_weights(self, picture: Image.Image) -> torch.Tensor:
-        with self._lock, torch.inference_mode():
+        with (
+            self._lock,
+            torch.no_grad(),
+        ):
             out = self.model.encode_image([picture], return_patches=True, crop=False)
         return out.patch_weights[0].float().cpu()
 
