@@ -94,18 +94,20 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progres
     model = LexVLA(cfg.model, device=dist.device)
     if cfg.train.grad_checkpointing and cfg.model.text.use_lora:
         model.set_grad_checkpointing(True)
+    image_cache, text_cache = _feature_caches(cfg, model, run_dir)  # fingerprints need whole weights
+    wrapped = _wrap(model, dist, cfg.train.distributed)
+    # After wrapping: FSDP2 replaces the parameters with sharded ones, the optimiser must hold those.
     optimizer = create_optimizer(model.trainable_parameters(), cfg.train)
     scheduler = create_scheduler(optimizer, cfg.train)
     state = TrainState()
     if resume:
         state.step = ckpt.load_latest(run_dir, model, optimizer, scheduler)
-    image_cache, text_cache = _feature_caches(cfg, model, run_dir)
     return Trainer(
         cfg=cfg,
         run_dir=run_dir,
         dist=dist,
         model=model,
-        ddp_model=_wrap(model, dist, cfg.train.distributed),
+        ddp_model=wrapped,
         objective=LexVLAObjective(cfg.loss, max_scale=cfg.model.logit_scale_max),
         optimizer=optimizer,
         scheduler=scheduler,
