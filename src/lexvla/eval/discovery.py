@@ -101,7 +101,8 @@ def word_statistics(
     mean_weight = active_weights.double().mean(0)  # (V,)
     overused = doc_freq > top_frac  # (V,)
     share = overused_mass_share(active_weights, overused)  # (N,)
-    order = torch.argsort(doc_freq, descending=True, stable=True)[:top_n]
+    by_weight = torch.argsort(mean_weight, descending=True, stable=True)
+    order = by_weight[torch.argsort(doc_freq[by_weight], descending=True, stable=True)][:top_n]
     return {
         "num_inputs": active_weights.shape[0],
         "active_words": float(active.sum(-1).double().mean()),
