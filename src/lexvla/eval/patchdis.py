@@ -366,17 +366,19 @@ def write_overlay(
     shown = [
         int(v) for v in np.unique(np.concatenate([pred.ravel(), mask.ravel()])) if v != IGNORE_INDEX
     ]
-    legend_h = 14 * (len(shown) + 1) + 6
-    canvas = Image.new("RGB", (2 * mask.shape[1] + 8, mask.shape[0] + legend_h), "white")
+    width = 2 * mask.shape[1] + 8
+    per_row = max(1, width // 150)  # legend in columns of 150 px
+    legend_h = 14 * (-(-len(shown) // per_row) + 1) + 6
+    canvas = Image.new("RGB", (width, mask.shape[0] + legend_h), "white")
     canvas.paste(left, (0, 0))
     canvas.paste(right, (mask.shape[1] + 8, 0))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, mask.shape[0] + 3), "prediction (left) | ground truth (right)", fill="black")
     colours = palette(n)
-    for row, label in enumerate(shown, start=1):
-        y = mask.shape[0] + 3 + 14 * row
-        draw.rectangle((4, y + 1, 14, y + 11), fill=tuple(int(c) for c in colours[label]))
-        draw.text((20, y), class_names[label] if label < n else str(label), fill="black")
+    for position, label in enumerate(shown):
+        x, y = 4 + 150 * (position % per_row), mask.shape[0] + 17 + 14 * (position // per_row)
+        draw.rectangle((x, y + 1, x + 10, y + 11), fill=tuple(int(c) for c in colours[label]))
+        draw.text((x + 16, y), class_names[label] if label < n else str(label), fill="black")
     path = Path(out_dir) / f"{_safe_name(sample.key)}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
