@@ -38,7 +38,24 @@ def test_encode_needs_exactly_one_input():
 
 @pytest.mark.parametrize(
     "command",
-    [["presets"], ["encode"], ["train"], ["demo"], ["assets", "prepare"], ["assets", "status"]],
+    [
+        ["presets"],
+        ["encode"],
+        ["train"],
+        ["demo"],
+        ["assets", "prepare"],
+        ["assets", "status"],
+        ["eval", "retrieval"],
+        ["eval", "sparsity"],
+        ["eval", "patchdis"],
+        ["eval", "discoveries"],
+        ["explain"],
+        ["encode-corpus"],
+        ["index", "build"],
+        ["index", "export"],
+        ["search"],
+        ["serve"],
+    ],
 )
 def test_every_command_has_help_with_an_example(command):
     result = runner.invoke(app, [*command, "--help"])
@@ -55,3 +72,68 @@ def test_main_turns_user_errors_into_one_line(monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "unknown model 'no-such-model'" in err and "Traceback" not in err
+
+
+def _images_with_captions(folder, n=6):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rows = ["filepath,caption"]
+    colours = ["red", "blue", "green", "yellow", "white", "black"]
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(
+            folder / f"im{i}.png"
+        )
+        rows.append(f"im{i}.png,a {colours[i % 6]} dog on the grass")
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+    return folder / "data.csv"
+
+
+def test_corpus_index_search_eval_explain_end_to_end(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    csv = _images_with_captions(images)
+    corpus, index = tmp_path / "corpus", tmp_path / "index"
+    result = runner.invoke(
+        app, ["encode-corpus", "--model", "tiny", "--images", str(images), "--out", str(corpus)]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["index", "build", "--from", str(corpus), "--out", str(index)])
+    assert result.exit_code == 0 and "6 documents" in result.output, result.output
+    result = runner.invoke(
+        app, ["search", str(index), "--text", "a red dog", "-k", "3", "--explain"]
+    )
+    assert result.exit_code == 0, result.output
+    hits = [line for line in result.output.splitlines() if re.match(r"\s+\d+\. ", line)]
+    assert len(hits) == 3 and all(".png" in line for line in hits)
+    first_word = re.search(r"query words: (\S+)", result.output).group(1)
+    dropped = runner.invoke(
+        app, ["search", str(index), "--text", "a red dog", "--drop", first_word]
+    )
+    assert dropped.exit_code == 0 and f"query words: {first_word} " not in dropped.output
+    out = tmp_path / "retrieval.json"
+    result = runner.invoke(
+        app, ["eval", "retrieval", "--model", "tiny", "--data", str(csv), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = __import__("json").loads(out.read_text())
+    assert {"image_to_text/R@1", "text_to_image/R@10", "cosine"} <= set(report)
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            str(images / "im0.png"),
+            "--text",
+            "a dog",
+            "--model",
+            "tiny",
+            "--out",
+            str(tmp_path / "explain"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "explain" / "index.html").is_file()
+    exported = tmp_path / "vectors.jsonl"
+    result = runner.invoke(app, ["index", "export", "--index", str(index), "--out", str(exported)])
+    assert result.exit_code == 0 and len(exported.read_text().splitlines()) == 6

@@ -30,11 +30,33 @@ assets_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(assets_app, name="assets")
-console = Console()
+eval_app = typer.Typer(
+    help="Evaluate a model: retrieval, sparsity curve, PatchDis, false discoveries.",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+index_app = typer.Typer(help="Build and export the embedded sparse index.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+console = Console(soft_wrap=True)  # paths and result lines stay whole (greppable)
 err_console = Console(stderr=True)
 
 ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="Preset name, run folder or checkpoint folder.")
+]
+DataOption = Annotated[
+    str,
+    typer.Option(
+        "--data", help="Caption JSON, Karpathy JSON, CSV/TSV, tar shards or synthetic[:N]."
+    ),
+]
+ImagesOption = Annotated[
+    Path | None, typer.Option("--images", help="Image folder of the data file.")
+]
+OutOption = Annotated[Path | None, typer.Option("--out", help="Write the JSON result here.")]
+SplitOption = Annotated[str, typer.Option(help="Karpathy split (train, val, test, all).")]
+LimitOption = Annotated[int | None, typer.Option(help="Use only the first N images.")]
+SparsifyOption = Annotated[
+    str | None, typer.Option(help="Operating point: threshold (default), dense, or a top-k number.")
 ]
 
 
@@ -190,6 +212,288 @@ def train(
         console.print(
             f"[yellow]skipped {state.skipped_samples} unreadable samples[/yellow] (see {out}/summary.json)"
         )
+
+
+def _operating_point(value: str | None):  # noqa: ANN202 - an OperatingPoint
+    from lexvla.eval.retrieval import parse_operating_point
+
+    return None if value is None else parse_operating_point(value)
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    data: DataOption,
+    model: ModelOption = "small-offline",
+    images: ImagesOption = None,
+    out: OutOption = None,
+    split: SplitOption = "test",
+    holdout: Annotated[int, typer.Option(help="Evaluate on the last N images only (by key).")] = 0,
+    limit: LimitOption = None,
+    sparsify: SparsifyOption = None,
+    batch_size: Annotated[int, typer.Option(help="Encoding batch.")] = 32,
+) -> None:
+    """Zero-shot image↔text Recall@1/5/10 (dot product, and cosine).
+
+    Example: [bold]lexvla eval retrieval --model runs/a --data coco/captions.json
+    --images coco/train2017 --out r.json[/bold]
+    """
+    from lexvla.eval.retrieval import retrieval_table, run_retrieval
+
+    result = run_retrieval(
+        model,
+        data,
+        images=images,
+        split=split,
+        holdout=holdout,
+        limit=limit,
+        sparsify=_operating_point(sparsify),
+        batch_size=batch_size,
+        out=out,
+    )
+    console.print(retrieval_table(result))
+
+
+@eval_app.command("sparsity")
+def eval_sparsity(
+    data: DataOption,
+    model: ModelOption = "small-offline",
+    images: ImagesOption = None,
+    out: OutOption = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw the recall-vs-sparsity figure (PNG).")
+    ] = None,
+    split: SplitOption = "test",
+    holdout: Annotated[int, typer.Option(help="Evaluate on the last N images only (by key).")] = 0,
+    limit: LimitOption = None,
+) -> None:
+    """Recall over operating points from the full vocabulary down to 32 active words.
+
+    Example: [bold]lexvla eval sparsity --model runs/a --data coco/captions.json --plot curve.png[/bold]
+    """
+    from lexvla.eval.sparsity import run_sparsity_curve, sparsity_table
+
+    result = run_sparsity_curve(
+        model, data, images=images, split=split, holdout=holdout, limit=limit, out=out, plot=plot
+    )
+    console.print(sparsity_table(result))
+
+
+@eval_app.command("patchdis")
+def eval_patchdis(
+    data: Annotated[
+        str, typer.Option("--data", help="COCO instances JSON, a VOC folder, or synthetic[:N].")
+    ],
+    model: ModelOption = "small-offline",
+    images: ImagesOption = None,
+    out: OutOption = None,
+    overlays: Annotated[
+        Path | None, typer.Option(help="Write predicted-mask overlays here.")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Background when the best score is below.")
+    ] = None,
+    split: SplitOption = "val",
+    limit: LimitOption = None,
+) -> None:
+    """PatchDis: patch-level segmentation by class names through the text branch (mIoU).
+
+    Example: [bold]lexvla eval patchdis --data coco/annotations/instances.json --images coco/train2017[/bold]
+    """
+    from lexvla.eval.patchdis import patchdis_table, run_patchdis
+
+    result = run_patchdis(
+        model,
+        data,
+        images=images,
+        split=split,
+        limit=limit,
+        threshold=threshold,
+        overlays=overlays,
+        out=out,
+    )
+    console.print(patchdis_table(result))
+
+
+@eval_app.command("discoveries")
+def eval_discoveries(
+    data: DataOption,
+    model: ModelOption = "small-offline",
+    images: ImagesOption = None,
+    out: OutOption = None,
+    split: SplitOption = "test",
+    limit: LimitOption = None,
+) -> None:
+    """False discoveries: overused words and activated words found in no caption of the image.
+
+    Example: [bold]lexvla eval discoveries --model runs/a --data coco/captions.json --out fd.json[/bold]
+    """
+    from lexvla.eval.discovery import discovery_table, run_false_discoveries
+
+    result = run_false_discoveries(model, data, images=images, split=split, limit=limit, out=out)
+    console.print(discovery_table(result))
+
+
+@app.command()
+def explain(
+    image: Annotated[Path, typer.Argument(help="The image to look inside.")],
+    text: Annotated[str | None, typer.Option(help="A caption whose score to explain.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs and the HTML page.")] = Path(
+        "explain"
+    ),
+    model: ModelOption = "small-offline",
+    top: Annotated[int, typer.Option(help="Words per explanation.")] = 15,
+) -> None:
+    """Word clouds (image, patches, text), grounding heatmap and the per-word score explanation.
+
+    Example: [bold]lexvla explain photo.jpg --text "a dog on the grass" --out explain/[/bold]
+    """
+    from lexvla.interpret.explain import explain as explain_image
+    from lexvla.models.factory import create_model
+
+    result = explain_image(create_model(model).eval(), image, text, out, k=top, model_ref=model)
+    console.print(f"wrote {result.get('html', out)}")
+
+
+@app.command("encode-corpus")
+def encode_corpus_command(
+    images: Annotated[
+        list[str], typer.Option("--images", help="Image folder, glob, or tar shards.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Shard folder to write (lex_emb/).")],
+    model: ModelOption = "small-offline",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    chunk_size: Annotated[int, typer.Option(help="Images per shard of a plain folder.")] = 1000,
+    max_words: Annotated[int | None, typer.Option(help="Cap on words per image.")] = None,
+) -> None:
+    """Encode an image collection into sparse lexical shards (resumable; parallel under torchrun).
+
+    Example: [bold]lexvla encode-corpus --model runs/a --images photos/ --out corpus/[/bold]
+    """
+    from lexvla.search.encode import encode_corpus
+
+    source = images[0] if len(images) == 1 else images
+    report = encode_corpus(
+        model,
+        source,
+        out,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        max_words=max_words,
+        model_name=model,
+    )
+    console.print(
+        report if isinstance(report, str) else {k: v for k, v in report.items() if k != "failures"}
+    )
+    failures = report.get("failures", []) if isinstance(report, dict) else []
+    if failures:
+        console.print(
+            f"[yellow]{len(failures)} images could not be decoded[/yellow] (see the encode report)"
+        )
+
+
+@index_app.command("build")
+def index_build(
+    from_dir: Annotated[Path, typer.Option("--from", help="Shard folder from encode-corpus.")],
+    out: Annotated[Path, typer.Option("--out", help="Index folder (created or extended).")],
+) -> None:
+    """Build (or extend) the embedded inverted index from encoded shards; atomic and resumable.
+
+    Example: [bold]lexvla index build --from corpus/ --out index/[/bold]
+    """
+    from lexvla.index import build_index
+
+    index = build_index(from_dir, out)
+    console.print(f"[green]index[/green] {out}: {len(index)} documents")
+
+
+@index_app.command("export")
+def index_export(
+    index: Annotated[Path, typer.Option("--index", help="Index folder.")],
+    out: Annotated[Path, typer.Option("--out", help="JSON-lines file for Anserini / PISA.")],
+) -> None:
+    """Export to Anserini/PISA JSON-lines with integer impacts (weight x 100).
+
+    Example: [bold]lexvla index export --index index/ --out vectors.jsonl[/bold]
+    """
+    from lexvla.index import SparseIndex, export_jsonl
+
+    count = export_jsonl(SparseIndex.open(index), out)
+    console.print(f"wrote {count} documents to {out}")
+
+
+@app.command()
+def search(
+    index: Annotated[Path, typer.Argument(help="Index folder (from `lexvla index build`).")],
+    text: Annotated[str | None, typer.Option(help="Search by this text.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Search by this image.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Number of hits.")] = 10,
+    explain: Annotated[bool, typer.Option(help="Show the words that made each match.")] = False,
+    boost: Annotated[
+        list[str] | None, typer.Option(help="Steer: WORD=FACTOR (repeatable).")
+    ] = None,
+    drop: Annotated[list[str] | None, typer.Option(help="Steer: remove WORD (repeatable).")] = None,
+    add: Annotated[
+        list[str] | None, typer.Option(help="Steer: add WORD=WEIGHT (repeatable).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Query encoder (default: the index's model).")
+    ] = None,
+) -> None:
+    """Search an index by text or image; steer the query word by word.
+
+    Example: [bold]lexvla search index/ --text "a dog on a beach" -k 5 --explain --drop the --boost dog=2[/bold]
+    """
+    from lexvla.search.run import run_search
+
+    if (text is None) == (image is None):
+        raise LexVLAError("give exactly one of --text TEXT or --image PATH")
+    result = run_search(
+        index,
+        text=text,
+        image=image,
+        model=model,
+        k=k,
+        explain=explain,
+        drop=drop or (),
+        boost=boost or (),
+        add=add or (),
+    )
+    _print_search(result)
+
+
+def _print_search(result: dict) -> None:
+    query_words = result.get("query", {}).get("words", [])[:12]
+    words = ", ".join(f"{w['word']} {w['weight']:.3f}" for w in query_words)
+    console.print(f"[dim]query words:[/dim] {words}")
+    if result.get("message"):
+        console.print(f"[yellow]{result['message']}[/yellow]")
+    for rank, hit in enumerate(result.get("results", []), 1):
+        where = hit.get("metadata", {}).get("path") or hit.get("key")
+        console.print(f"{rank:3d}. {hit['score']:.4f}  {where}")
+        if hit.get("words"):
+            console.print(
+                "       "
+                + ", ".join(f"{w['word']} {w['contribution']:.4f}" for w in hit["words"][:8])
+            )
+
+
+@app.command()
+def serve(
+    index: Annotated[Path, typer.Option("--index", help="Index folder to serve.")],
+    model: Annotated[
+        str | None, typer.Option(help="Query encoder (default: the index's model).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    max_upload_mb: Annotated[int, typer.Option(help="Upload size limit.")] = 8,
+) -> None:
+    """The web app: search by text or image, see why each result matched, steer the query.
+
+    Example: [bold]lexvla serve --index demo-output/index --model demo-output/run[/bold]
+    """
+    from lexvla.serve.app import run
+
+    run(index, model, host=host, port=port, max_upload_mb=max_upload_mb)
 
 
 def main() -> None:
