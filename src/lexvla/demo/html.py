@@ -54,3 +54,7 @@ def page(title: str, sections: Sequence[tuple[str, str]], intro: str = "") -> st
         + "\n".join(parts)
         + "</body></html>"
     )
+
+
+def escape(text: str) -> str:
+    return html.escape(text)

@@ -206,19 +206,24 @@ def _evaluate(run: DemoRun, model: Any, data: DemoData) -> None:
 
 
 def _patchdis(run: DemoRun, model: Any, data: DemoData) -> None:
-    from lexvla.data.masks import coco_semantic_dataset
-    from lexvla.eval.patchdis import evaluate_patchdis
+    from lexvla.eval.patchdis import evaluate_patchdis, load_patchdis_data
 
-    keys = {getattr(s, "key", "") for s in _samples(data.holdout)}
-    samples, class_names = coco_semantic_dataset(data.masks, data.images_dir, keys=keys)
+    masks, class_names = load_patchdis_data(data.masks, images=data.images_dir)
+    held_out = {Path(getattr(s, "path", "") or "").name for s in _records(data.holdout)}
+    samples = [
+        masks[i] for i in range(len(masks)) if Path(getattr(masks[i], "path", "")).name in held_out
+    ]
     with torch.no_grad():
         result = evaluate_patchdis(model, samples, class_names, out_dir=run.out_dir / "patchdis")
     run.results["patchdis"] = {k: v for k, v in result.items() if k != "overlays"}
     run.figures["patchdis"] = list(result.get("overlays", []))[:4]
-    run.console.print(f"  PatchDis mIoU {result['mIoU']:.3f} ({result['rule']})")
+    run.console.print(
+        f"  PatchDis mIoU {result['mIoU']:.3f} on {result['num_images']} images ({result['rule']})"
+    )
 
 
-def _samples(dataset: Any) -> list[Any]:
+def _records(dataset: Any) -> list[Any]:
+    """Dataset items without decoding images where the dataset allows it."""
     return [dataset[i] for i in range(len(dataset))]
 
 
@@ -258,6 +263,28 @@ def _open_index(path: Path) -> Any:
 
 
 def _look_inside(run: DemoRun, engine: Any, data: DemoData) -> None:
-    from lexvla.demo.inside import look_inside
+    """Word clouds, grounding heatmap and per-word explanation for two held-out images."""
+    from lexvla.interpret.explain import explain
 
-    run.figures["inside"] = look_inside(engine, data, run.out_dir / "inside", EXAMPLE_QUERIES)
+    model = engine.model if engine is not None else None
+    if model is None:
+        from lexvla.models.factory import create_model
+
+        model = create_model(run.out_dir / "run").eval()
+    pages = []
+    for sample in _records(data.holdout)[:2]:
+        name = Path(getattr(sample, "path", "") or sample.key).stem
+        with torch.no_grad():
+            result = explain(
+                model,
+                sample.path or sample.image,
+                sample.captions[0],
+                run.out_dir / "inside" / name,
+                model_ref="demo run",
+            )
+        pages.append(result)
+        top = ", ".join(f"{w} {v:.3f}" for w, v in result.get("contributions", [])[:5])
+        run.console.print(
+            f"  {name}: score {result.get('score', 0):.3f} for {sample.captions[0]!r} ← {top}"
+        )
+    run.figures["inside"] = pages

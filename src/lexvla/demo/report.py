@@ -27,8 +27,8 @@ def write(run: Any) -> Path:
         sections.append(
             ("Searches, explained word by word", _search_section(run.results["searches"]))
         )
-    for title, body in run.figures.get("inside", {}).get("sections", []):
-        sections.append((title, body))
+    if run.figures.get("inside"):
+        sections.append(("Looking inside held-out images", _inside_section(run.figures["inside"])))
     intro = (
         f"LexVLA <code>small-offline</code> (DINOv2-S/14 + SmolLM2-135M) trained for "
         f"{len(run.results.get('training', []))} logged steps in {run.results.get('total_seconds', 0):.0f} s "
@@ -87,5 +87,28 @@ def _search_section(searches: list[dict[str, Any]]) -> str:
         parts.append(
             f"<h3>“{search['query']}”</h3><p class='words'>query words: {words}</p>"
             + html.table(["image", "score", "top contributing words"], rows)
+        )
+    return "\n".join(parts)
+
+
+def _inside_section(pages: list[dict[str, Any]]) -> str:
+    labels = {
+        "image_words": "image words",
+        "patch_words": "words of the most grounded patches",
+        "text_words": "caption words",
+        "grounding": "patches the caption selects",
+        "contributions": "the score, word by word",
+    }
+    parts = []
+    for result in pages:
+        figures = "".join(
+            html.figure(path, labels.get(name, name))
+            for name, path in result["files"].items()
+            if Path(path).is_file()
+        )
+        score = f"{result['score']:.3f}" if result.get("score") is not None else "-"
+        parts.append(
+            f"<h3>{html.escape(Path(result['image']).name)}: “{html.escape(result['caption'] or '')}” "
+            f"(score {score})</h3><div class='grid'>{figures}</div>"
         )
     return "\n".join(parts)
