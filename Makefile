@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint format assets bench clean
+.PHONY: venv demo test test-fast lint format assets browser bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,8 +27,13 @@ assets: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lexvla demo
 
-# The whole test suite, real-model tests included (what CI runs).
-test: $(STAMP) assets
+# Debian's Chromium for the end-to-end browser test (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The whole test suite, real-model and browser tests included (what CI runs).
+test: $(STAMP) assets browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The inner loop: no real models, nothing slow.
