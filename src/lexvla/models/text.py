@@ -25,6 +25,7 @@ from lexvla.config import TextConfig
 from lexvla.errors import LexVLAError
 from lexvla.layers.lexical import lexical_weights
 from lexvla.layers.lora import apply_lora
+from lexvla.models._quiet import quiet_loading
 from lexvla.vocab import LexicalVocabulary
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,7 +44,8 @@ def build_llm(cfg: TextConfig, device: torch.device | None = None) -> PreTrained
         try:
             from transformers import AutoModelForCausalLM
 
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            with quiet_loading():
+                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as err:
             raise LexVLAError(f"cannot load text backbone '{cfg.backbone}': {err}") from None
     if not cfg.arch:

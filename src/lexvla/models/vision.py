@@ -14,6 +14,7 @@ from lexvla.config import LexicalConfig, VisionConfig
 from lexvla.errors import LexVLAError
 from lexvla.layers.adapter import Adapter
 from lexvla.layers.lexical import lexical_max_pool, lexical_weights
+from lexvla.models._quiet import quiet_loading
 
 
 def build_dinov2(cfg: VisionConfig, device: torch.device | None = None) -> Dinov2Model:
@@ -22,7 +23,8 @@ def build_dinov2(cfg: VisionConfig, device: torch.device | None = None) -> Dinov
     if cfg.pretrained and not on_meta:
         path = assets.resolve_reference(cfg.backbone)
         try:
-            return Dinov2Model.from_pretrained(path)
+            with quiet_loading():
+                return Dinov2Model.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise LexVLAError(f"cannot load vision backbone '{cfg.backbone}': {err}") from None
     if not cfg.arch:
