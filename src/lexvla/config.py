@@ -161,7 +161,9 @@ class EvalConfig:
 
     batch_size: int = 32  # encoding batch
     recall_ks: tuple[int, ...] = (1, 5, 10)  # K of recall@K
-    patchdis_threshold: float = 0.1  # PatchDis background: best class score (dot product) below this
+    patchdis_threshold: float = (
+        0.1  # PatchDis background: best class score (dot product) below this
+    )
 
 
 @dataclass

@@ -122,7 +122,13 @@ def tiny() -> ExperimentConfig:
     )
     # A random tiny model starts with near-uniform vectors (loss = log B): it needs a high lr to move.
     train = TrainConfig(
-        steps=20, batch_size=8, lr=1e-2, warmup_steps=2, log_every=1, save_every=10, cache_features=False
+        steps=20,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=2,
+        log_every=1,
+        save_every=10,
+        cache_features=False,
     )
     return ExperimentConfig(
         model=model,

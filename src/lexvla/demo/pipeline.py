@@ -53,7 +53,7 @@ class DemoRun:
 
     out_dir: Path
     data_dir: Path | None
-    steps: int = 60
+    steps: int = 40
     holdout: int = 16
     console: Console = field(default_factory=Console)
     timings: dict[str, float] = field(default_factory=dict)
@@ -73,7 +73,7 @@ def run_demo(
     data_dir: Path | None = None,
     out_dir: Path = Path("demo-output"),
     *,
-    steps: int = 60,
+    steps: int = 40,
     console: Console | None = None,
 ) -> Path:
     """Run the whole demo; returns the path of the HTML report."""

@@ -210,19 +210,10 @@ class SparseIndex:
     def _query(self, indices: ArrayLike, values: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """Canonical query: (word ids int32 ascending, weights float32 > 0)."""
         terms, weights = np.asarray(indices), np.asarray(values)
-        if (
-            terms.dtype == np.int32
-            and weights.dtype == np.float32
-            and terms.ndim == weights.ndim == 1
-        ):
-            if len(terms) == len(weights) and _kernels.is_canonical_query(
-                terms, weights, len(self.vocab)
-            ):
-                return terms, weights  # fast path: nothing to fix
+        if terms.ndim != 1 or weights.ndim != 1:
+            raise LexVLAError("query: indices and values must be 1-D arrays of equal length")
         indptr = np.array([0, terms.size], np.int64)
-        _, terms, weights = canonical_csr(
-            indptr, terms.reshape(-1), weights.reshape(-1), len(self.vocab), "query"
-        )
+        _, terms, weights = canonical_csr(indptr, terms, weights, len(self.vocab), "query")
         return terms, weights
 
     def _buffers(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -259,12 +250,22 @@ class SparseIndex:
         """
         if k < 1:
             raise LexVLAError(f"k must be >= 1, got {k}")
-        terms, weights = self._query(query_indices, query_values)
-        if len(terms) == 0:
-            logger.warning("query has no active words (no positive weights): no hits")
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        terms, weights = np.asarray(query_indices), np.asarray(query_values)
         acc, ids, scores = self._buffers(min(k, max(self._gen.num_docs, 1)))
-        n = _kernels.search_one(*self._arrays(), terms, weights, len(ids), acc, ids, scores)
+        n = -1
+        if (
+            terms.size
+            and terms.dtype == np.int32
+            and weights.dtype == np.float32
+            and terms.shape == weights.shape
+        ):
+            n = _kernels.search_one(*self._arrays(), terms, weights, len(ids), acc, ids, scores)
+        if n < 0:  # not canonical: sort, cast, validate (raises on bad input), drop zeros, retry
+            terms, weights = self._query(terms, weights)
+            if len(terms) == 0:
+                logger.warning("query has no active words (no positive weights): no hits")
+                return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            n = _kernels.search_one(*self._arrays(), terms, weights, len(ids), acc, ids, scores)
         return ids[:n], scores[:n]
 
     def search(
@@ -338,11 +339,10 @@ class SparseIndex:
         if self._gen.num_docs == 0 or Q == 0:
             return ids, scores
         threads = _kernels.get_num_threads() if num_threads is None else num_threads
-        with _kernels.num_threads(threads):
-            chunks = max(1, min(Q, _kernels.get_num_threads()))
-            _kernels.search_many(
-                *self._arrays(), ip, ix, vals, min(k, self._gen.num_docs), chunks, ids, scores
-            )
+        chunks = 1 if threads <= 1 else min(Q, 4 * threads)
+        with _kernels.parallel(threads, chunksize=1):
+            kk = min(k, self._gen.num_docs)
+            _kernels.search_many(*self._arrays(), ip, ix, vals, kk, chunks, ids, scores)
         empty = int((np.diff(ip) == 0).sum())
         if empty:
             logger.warning("%d of %d queries have no active words: no hits for them", empty, Q)

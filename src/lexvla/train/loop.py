@@ -94,7 +94,9 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progres
     model = LexVLA(cfg.model, device=dist.device)
     if cfg.train.grad_checkpointing and cfg.model.text.use_lora:
         model.set_grad_checkpointing(True)
-    image_cache, text_cache = _feature_caches(cfg, model, run_dir)  # fingerprints need whole weights
+    image_cache, text_cache = _feature_caches(
+        cfg, model, run_dir
+    )  # fingerprints need whole weights
     wrapped = _wrap(model, dist, cfg.train.distributed)
     # After wrapping: FSDP2 replaces the parameters with sharded ones, the optimiser must hold those.
     optimizer = create_optimizer(model.trainable_parameters(), cfg.train)
