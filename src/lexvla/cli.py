@@ -161,7 +161,7 @@ def demo(
     ),
     steps: Annotated[
         int, typer.Option(help="Training steps (batch 32, 2 CPU cores: ~3 s each).")
-    ] = 60,
+    ] = 40,
 ) -> None:
     """The main job: offline models → brief training → evaluation → index → searches → HTML report.
 
