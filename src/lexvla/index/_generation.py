@@ -50,6 +50,9 @@ ARRAYS = {
     "docs_offsets": "int64",
 }
 BLOBS = ("vocab.json", "docs.jsonl", "keys.json")
+_DECODER = (
+    json.JSONDecoder()
+)  # decode() directly: json.loads(bytes) adds encoding detection per call
 
 
 @dataclass
@@ -121,22 +124,7 @@ def write_generation(
         "docs_offsets": table.docs_offsets,
         **_postings(table, V, min_df),
     }
-    files = {}
-    for name, array in arrays.items():
-        sha = _io.write_npy(out / f"{name}.npy", array.astype(ARRAYS[name], copy=False))
-        files[f"{name}.npy"] = {
-            "sha256": sha,
-            "bytes": (out / f"{name}.npy").stat().st_size,
-            "shape": list(array.shape),
-        }
-    _write_blob(out / "docs.jsonl", table.docs_jsonl)
-    _write_blob(out / "keys.json", [json.dumps(table.keys, ensure_ascii=False).encode("utf-8")])
-    if link_from is not None and (link_from / "vocab.json").is_file():
-        os.link(link_from / "vocab.json", out / "vocab.json")
-    else:
-        _write_blob(out / "vocab.json", [json.dumps(vocab, ensure_ascii=False).encode("utf-8")])
-    for name in BLOBS:
-        files[name] = {"sha256": _io.sha256_file(out / name), "bytes": (out / name).stat().st_size}
+    files = _write_files(out, arrays, table, vocab, link_from)
     manifest = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
@@ -153,6 +141,26 @@ def write_generation(
     _io.atomic_write_json(out / "manifest.json", manifest)
     _io.fsync_dir(out)
     return manifest
+
+
+def _write_files(
+    out: Path, arrays: dict[str, np.ndarray], t: DocTable, vocab: list[str], link_from: Path | None
+) -> dict[str, dict[str, Any]]:
+    """Write the arrays and blobs of a generation; returns {file name: sha256, bytes (, shape)}."""
+    files: dict[str, dict[str, Any]] = {}
+    for name, array in arrays.items():
+        sha = _io.write_npy(out / f"{name}.npy", array.astype(ARRAYS[name], copy=False))
+        size = (out / f"{name}.npy").stat().st_size
+        files[f"{name}.npy"] = {"sha256": sha, "bytes": size, "shape": list(array.shape)}
+    _write_blob(out / "docs.jsonl", t.docs_jsonl)
+    _write_blob(out / "keys.json", [json.dumps(t.keys, ensure_ascii=False).encode("utf-8")])
+    if link_from is not None and (link_from / "vocab.json").is_file():
+        os.link(link_from / "vocab.json", out / "vocab.json")
+    else:
+        _write_blob(out / "vocab.json", [json.dumps(vocab, ensure_ascii=False).encode("utf-8")])
+    for name in BLOBS:
+        files[name] = {"sha256": _io.sha256_file(out / name), "bytes": (out / name).stat().st_size}
+    return files
 
 
 def _write_blob(path: Path, pieces: list[bytes | memoryview]) -> None:
@@ -201,7 +209,7 @@ class Generation:
 
     def metadata(self, doc: int) -> dict[str, Any]:
         off = self.arrays["docs_offsets"]
-        return json.loads(self.docs[int(off[doc]) : int(off[doc + 1])])
+        return _DECODER.decode(self.docs[off[doc] : off[doc + 1]].decode("utf-8"))
 
     def keys(self) -> list[str]:
         """Key of every document (parsed on first use)."""

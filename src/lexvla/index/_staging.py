@@ -9,7 +9,6 @@ a crash after publishing are recognised and discarded instead of being applied t
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -131,7 +130,3 @@ def clear_tmp(root: Path) -> None:
     if tmp.is_dir():
         for p in tmp.iterdir():
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def read_delete_keys(path: Path) -> list[str]:
-    return list(json.loads(path.read_text(encoding="utf-8"))["keys"])

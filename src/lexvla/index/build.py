@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from lexvla.errors import LexVLAError
-from lexvla.index.shards import read_shard, read_shard_manifest, read_shard_vocab
+from lexvla.index.shards import ShardManifest, read_shard, read_shard_manifest, read_shard_vocab
 from lexvla.index.sparse import DEFAULT_DENSE_FRACTION, SparseIndex
 
 logger = logging.getLogger(__name__)
@@ -49,16 +50,7 @@ def build_index(
         )
     with index._writing():
         latest, ops = index._latest_state()
-        if latest["vocab_sha256"] != shards.vocab_sha256:
-            raise LexVLAError(
-                f"{src} was encoded over another vocabulary (sha256 {shards.vocab_sha256[:12]}) than the"
-                f" index {root} ({latest['vocab_sha256'][:12]}); build a new index for it"
-            )
-        if check_model and latest["model"] != shards.model:
-            raise LexVLAError(
-                f"{src} was encoded by {shards.model}, the index {root} by {latest['model']};"
-                " build a new index, or pass check_model=False if they are the same model"
-            )
+        _check_compatible(latest, shards, src, root, check_model)
         done = dict(latest["sources"])
         done.update((op.source["name"], op.source["sha256"]) for op in ops if op.source)
         added = 0
@@ -79,3 +71,19 @@ def build_index(
         index.commit()
     logger.info("index %s: %d documents (%d added)", root, len(index), added)
     return index
+
+
+def _check_compatible(
+    latest: dict[str, Any], shards: ShardManifest, src: Path, root: Path, check_model: bool
+) -> None:
+    """Refuse shards over another vocabulary, or (if `check_model`) from another model."""
+    if latest["vocab_sha256"] != shards.vocab_sha256:
+        raise LexVLAError(
+            f"{src} was encoded over another vocabulary (sha256 {shards.vocab_sha256[:12]}) than the"
+            f" index {root} ({latest['vocab_sha256'][:12]}); build a new index for it"
+        )
+    if check_model and latest["model"] != shards.model:
+        raise LexVLAError(
+            f"{src} was encoded by {shards.model}, the index {root} by {latest['model']};"
+            " build a new index, or pass check_model=False if they are the same model"
+        )
