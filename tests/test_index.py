@@ -190,6 +190,8 @@ def test_add_refuses_duplicate_keys_and_bad_vectors(tmp_path: Path) -> None:
         index.search([V + 3], [1.0])
     with pytest.raises(LexVLAError, match="k must be"):
         index.search([1], [1.0], k=0)
+    with pytest.raises(LexVLAError, match="1-D"):
+        index.search(np.array([[1, 2]], np.int32), np.array([[1.0, 1.0]], np.float32))
     assert index.pending() == 0
 
 

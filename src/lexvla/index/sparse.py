@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from lexvla.errors import LexVLAError
-from lexvla.index import _commit, _io, _kernels, _staging
+from lexvla.index import _commit, _io, _kernels
 from lexvla.index._csr import canonical_csr
 from lexvla.index._generation import DocTable, Generation, open_generation, write_generation
 from lexvla.index._writer import IndexWriter
@@ -97,7 +98,8 @@ class SparseIndex(IndexWriter):
         with _io.file_lock(root / "LOCK"):
             if (root / "CURRENT").exists():
                 raise LexVLAError(f"{root} already holds an index; open it with SparseIndex.open")
-            _staging.clear_tmp(root)
+            for leftover in ("tmp", "pending", "generations"):  # of a create that crashed
+                shutil.rmtree(root / leftover, ignore_errors=True)
             empty = DocTable(
                 np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
                 np.zeros(0, bool), [], np.zeros(1, np.int64), [],
@@ -254,7 +256,8 @@ class SparseIndex(IndexWriter):
         acc, ids, scores = self._buffers(min(k, max(self._gen.num_docs, 1)))
         n = -1
         if (
-            terms.size
+            terms.ndim == 1
+            and terms.size
             and terms.dtype == np.int32
             and weights.dtype == np.float32
             and terms.shape == weights.shape
