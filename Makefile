@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[all,dev]' 2>&1 \
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[all,milvus,dev]' 2>&1 \
 		| { grep -v "is ignored: it is neither" || true; }
 	@$(BIN)/python -c "import lexvla, torch; print('lexvla', lexvla.__version__, 'torch', torch.__version__)"
 	@touch $(STAMP)
