@@ -60,6 +60,8 @@ def test_search_equals_brute_force(
     dense, deleted = M.toarray(), np.zeros(M.shape[0], bool)
     if dense_fraction is not None:
         assert index.manifest["num_dense_terms"] > 0  # both layouts exercised
+    # dyadic weights are exact float16: search reads float16 weights; log-normal float32 ones: float32
+    assert index.manifest["search_weights_dtype"] == ("float16" if dyadic else "float32")
     for k in (1, 10, 1000):  # 1000 > N
         for terms, weights in _queries(rng, 20, dyadic):
             ids, scores = index.search_ids(terms, weights, k)

@@ -7,10 +7,11 @@ Files of a generation directory (arrays are `.npy`, memory-mapped read-only on o
 - vocab.json: the V words, in dimension order;
 - doc_indptr.npy int64 (N+1,), doc_terms.npy int32 (nnz,), doc_weights.npy float32 (nnz,): doc-major CSR
   (word ids ascending within a document);
-- post_indptr.npy int64 (V+1,), post_docs.npy int32 (P,), post_weights.npy float32 (P,): term-major
-  posting lists (doc ids ascending; empty for dense words);
-- dense_terms.npy int32 (H,), dense.npy float32 (H, N): the words present in >= dense_min_df documents,
-  stored as dense columns;
+- post_indptr.npy int64 (V+1,), post_docs.npy int32 (P,), post_weights.npy float32 or float16 (P,):
+  term-major posting lists (doc ids ascending; empty for dense words);
+- dense_terms.npy int32 (H,), dense.npy float32 or float16 (H, N): the words present in >= dense_min_df
+  documents, stored as dense columns. The two search-weight arrays are float16 when every weight is
+  exactly a float16 (manifest "search_weights_dtype"), which halves what a search reads;
 - deleted.npy bool (N,): the deletion mask;
 - docs.jsonl + docs_offsets.npy int64 (N+1,): one JSON metadata object per document, and the byte
   offset of each line;
@@ -50,6 +51,7 @@ ARRAYS = {
     "docs_offsets": "int64",
 }
 BLOBS = ("vocab.json", "docs.jsonl", "keys.json")
+SEARCH_WEIGHTS = ("post_weights", "dense")  # float32 or float16 (manifest "search_weights_dtype")
 _DECODER = (
     json.JSONDecoder()
 )  # decode() directly: json.loads(bytes) adds encoding detection per call
@@ -94,6 +96,25 @@ def _postings(t: DocTable, vocab_size: int, min_df: int) -> dict[str, np.ndarray
     }
 
 
+def search_weights_dtype(post_weights: np.ndarray, dense: np.ndarray) -> str:
+    """ "float16" if every search weight is exactly a float16 (half the bytes to read), else "float32"."""
+    for x in (post_weights, dense):
+        with np.errstate(over="ignore"):
+            if not np.array_equal(x.astype(np.float16).astype(np.float32), x):
+                return "float32"
+    return "float16"
+
+
+def _dtype(name: str, manifest: Mapping[str, Any]) -> str:
+    """On-disk dtype of an array: the search weights follow the manifest's search_weights_dtype."""
+    if name in SEARCH_WEIGHTS:
+        dtype = manifest.get("search_weights_dtype", "float32")
+        if dtype not in ("float16", "float32"):
+            raise LexVLAError(f"manifest: search_weights_dtype {dtype!r} is not float16 or float32")
+        return str(dtype)
+    return ARRAYS[name]
+
+
 def write_generation(
     out: Path,
     table: DocTable,
@@ -124,11 +145,15 @@ def write_generation(
         "docs_offsets": table.docs_offsets,
         **_postings(table, V, min_df),
     }
-    files = _write_files(out, arrays, table, vocab, link_from)
+    dtypes = {"search_weights_dtype": search_weights_dtype(arrays["post_weights"], arrays["dense"])}
+    files = _write_files(
+        out, arrays, {n: _dtype(n, dtypes) for n in arrays}, table, vocab, link_from
+    )
     manifest = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
         **info,
+        **dtypes,
         "vocab_size": V,
         "vocab_sha256": _io.vocab_hash(vocab),
         "num_docs": N,
@@ -144,12 +169,17 @@ def write_generation(
 
 
 def _write_files(
-    out: Path, arrays: dict[str, np.ndarray], t: DocTable, vocab: list[str], link_from: Path | None
+    out: Path,
+    arrays: dict[str, np.ndarray],
+    dtypes: dict[str, str],
+    t: DocTable,
+    vocab: list[str],
+    link_from: Path | None,
 ) -> dict[str, dict[str, Any]]:
     """Write the arrays and blobs of a generation; returns {file name: sha256, bytes (, shape)}."""
     files: dict[str, dict[str, Any]] = {}
     for name, array in arrays.items():
-        sha = _io.write_npy(out / f"{name}.npy", array.astype(ARRAYS[name], copy=False))
+        sha = _io.write_npy(out / f"{name}.npy", array.astype(dtypes[name], copy=False))
         size = (out / f"{name}.npy").stat().st_size
         files[f"{name}.npy"] = {"sha256": sha, "bytes": size, "shape": list(array.shape)}
     _write_blob(out / "docs.jsonl", t.docs_jsonl)
@@ -331,9 +361,14 @@ def open_generation(path: Path, *, verify: bool = True) -> Generation:
     what = f"index generation {path}"
     # plain ndarray views of the memory maps: numba dispatches np.memmap arguments ~3x slower
     arrays = {
-        n: np.asarray(_io.load_npy(path / f"{n}.npy", d, shapes[n], mmap=True, what=what))
-        for n, d in ARRAYS.items()
+        n: np.asarray(
+            _io.load_npy(path / f"{n}.npy", _dtype(n, m), shapes[n], mmap=True, what=what)
+        )
+        for n in ARRAYS
     }
+    for n in SEARCH_WEIGHTS:  # numba has no float16: kernels read the bits (see _kernels.as_f32)
+        if arrays[n].dtype == np.float16:
+            arrays[n] = arrays[n].view(np.uint16)
     vocab = _io.read_json(path / "vocab.json", what)
     if (
         not isinstance(vocab, list)
