@@ -77,12 +77,12 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[f
 
 
 def interleaved_times(
-    fns: Mapping[str, Callable[[], Any]], repeats: int, cpu: bool = False
-) -> dict[str, list[float]] | tuple[dict[str, list[float]], dict[str, list[float]]]:
+    fns: Mapping[str, Callable[[], Any]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Time several functions round-robin, so load from other processes hits them all alike.
 
     Returns:
-        {name: wall-clock seconds per repeat}, and with `cpu=True` also {name: CPU seconds per repeat}.
+        ({name: wall-clock seconds per repeat}, {name: process CPU seconds per repeat}).
     """
     wall: dict[str, list[float]] = {name: [] for name in fns}
     used: dict[str, list[float]] = {name: [] for name in fns}
@@ -91,7 +91,7 @@ def interleaved_times(
             w, c, _ = timed_cpu(fn)
             wall[name].append(w)
             used[name].append(c)
-    return (wall, used) if cpu else wall
+    return wall, used
 
 
 def median(values: Iterable[float]) -> float:

@@ -172,7 +172,7 @@ def bench_build(
 
 
 def bench_open(path: Path, repeats: int) -> dict[str, float]:
-    times = interleaved_times(
+    times, _ = interleaved_times(
         {
             "verify": lambda: SparseIndex.open(path),
             "no_verify": lambda: SparseIndex.open(path, verify=False),
@@ -261,7 +261,7 @@ def run_variant(dist: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     opened = bench_open(index.path, args.repeats)
     methods = make_methods(index, docs, queries)
     checks = agreement(methods, index, queries)
-    times, cpu = interleaved_times(methods, args.repeats, cpu=True)
+    times, cpu = interleaved_times(methods, args.repeats)
     qps = {name: args.queries / median(t) for name, t in times.items()}
     cpu_qps = {name: args.queries / median(t) for name, t in cpu.items()}
     return {
