@@ -156,6 +156,10 @@ class IndexWriter:
     def commit(self, *, compact: bool = False) -> bool:
         """Publish the staged changes as a new generation (atomically) and switch to it.
 
+        A commit that adds documents rewrites the whole generation (posting lists are rebuilt from the
+        doc-major vectors: ~2-4 s per 100k documents here), so stage many adds per commit. A commit
+        of deletions only hard-links the previous files and writes a new deletion mask.
+
         Args:
             compact: also drop deleted documents (renumbers document ids; keys are unchanged).
 

@@ -328,7 +328,9 @@ class SparseIndex(IndexWriter):
         Args:
             q_indptr, q_indices, q_values: (Q+1,), (nnz,), (nnz,) CSR of Q queries.
             k: results per query.
-            num_threads: numba threads (default: numba's current setting, i.e. all cores).
+            num_threads: numba threads (default: numba's current setting, i.e. all cores). numba's
+                thread count is process-wide: do not run search_batch from several Python threads
+                at once with different num_threads. (search / search_ids are thread-safe.)
 
         Returns:
             ids (Q, k) int64 and scores (Q, k) float32, best first; rows with fewer than k hits are
