@@ -281,3 +281,40 @@ def test_metadata_round_trips_exotic_text(tmp_path: Path) -> None:
     for i in range(5):
         assert index.search([i], [1.0])[0].metadata == meta[i]
         assert SparseIndex.open(tmp_path / "i").document(i) == meta[i]
+
+
+def test_searches_from_threads_while_refreshing(tmp_path: Path) -> None:
+    """Searches in threads (nogil kernels) while the index grows and refreshes under them."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    docs = random_csr(rng, 400, V, 0.1, dyadic=True, head_words=3)
+    index = SparseIndex.create(tmp_path / "i", _vocab(), {})
+    queries = _queries(rng, 8, dyadic=True)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        try:
+            while not stop.is_set():
+                for terms, weights in queries:
+                    ids, scores = index.search_ids(terms, weights, 5)
+                    assert (np.diff(scores) <= 0).all() and (ids < 400).all()
+        except BaseException as err:  # noqa: BLE001 - reported to the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=searcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for start in range(0, 400, 100):  # each commit changes N under the searching threads
+        part = docs[start : start + 100]
+        index.add(part.indptr, part.indices, part.data, _meta(start, 100))
+        index.commit()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    dense = docs.toarray()
+    for terms, weights in queries:
+        ref = brute_force(dense, np.zeros(400, bool), terms, weights, 5)
+        assert_same_topk(*index.search_ids(terms, weights, 5), ref, exact=True)

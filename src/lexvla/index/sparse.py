@@ -218,20 +218,21 @@ class SparseIndex(IndexWriter):
         _, terms, weights = canonical_csr(indptr, terms, weights, len(self.vocab), "query")
         return terms, weights
 
-    def _buffers(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This thread's (N,) float32 score buffer (kept zeroed by the kernel) and (k,) outputs."""
+    def _buffers(self, g: Generation, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This thread's (N,) float32 score buffer for `g` (kept zeroed by the kernel), (k,) outputs."""
         acc = getattr(self._local, "acc", None)
-        if acc is None or len(acc) != self._gen.num_docs:
-            acc = self._local.acc = np.zeros(self._gen.num_docs, np.float32)
+        if acc is None or len(acc) != g.num_docs:
+            acc = self._local.acc = np.zeros(g.num_docs, np.float32)
         return acc, np.empty(k, np.int64), np.empty(k, np.float32)
 
-    def _arrays(self) -> tuple[np.ndarray, ...]:
-        a = self._gen.arrays
+    @staticmethod
+    def _arrays(g: Generation) -> tuple[np.ndarray, ...]:
+        a = g.arrays
         return (
             a["post_indptr"],
             a["post_docs"],
             a["post_weights"],
-            self._gen.term_slot,
+            g.term_slot,
             a["dense"],
             a["deleted"],
         )
@@ -250,10 +251,18 @@ class SparseIndex(IndexWriter):
             (ids (m,) int64, scores (m,) float32), best first, m = min(k, documents scoring > 0);
             ties go to the lower document id.
         """
+        return self._top(self._gen, query_indices, query_values, k)
+
+    def _top(
+        self, g: Generation, query_indices: ArrayLike, query_values: ArrayLike, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """search_ids on generation `g`: one snapshot for buffers and arrays, so a concurrent
+        refresh() can never pair a score buffer with a generation of another size."""
         if k < 1:
             raise LexVLAError(f"k must be >= 1, got {k}")
         terms, weights = np.asarray(query_indices), np.asarray(query_values)
-        acc, ids, scores = self._buffers(min(k, max(self._gen.num_docs, 1)))
+        acc, ids, scores = self._buffers(g, min(k, max(g.num_docs, 1)))
+        arrays = self._arrays(g)
         n = -1
         if (
             terms.ndim == 1
@@ -262,13 +271,13 @@ class SparseIndex(IndexWriter):
             and weights.dtype == np.float32
             and terms.shape == weights.shape
         ):
-            n = _kernels.search_one(*self._arrays(), terms, weights, len(ids), acc, ids, scores)
+            n = _kernels.search_one(*arrays, terms, weights, len(ids), acc, ids, scores)
         if n < 0:  # not canonical: sort, cast, validate (raises on bad input), drop zeros, retry
             terms, weights = self._query(terms, weights)
             if len(terms) == 0:
                 logger.warning("query has no active words (no positive weights): no hits")
                 return np.zeros(0, np.int64), np.zeros(0, np.float32)
-            n = _kernels.search_one(*self._arrays(), terms, weights, len(ids), acc, ids, scores)
+            n = _kernels.search_one(*arrays, terms, weights, len(ids), acc, ids, scores)
         return ids[:n], scores[:n]
 
     def search(
@@ -286,12 +295,13 @@ class SparseIndex(IndexWriter):
             k: number of hits wanted.
             explain: fill `Hit.words` with each shared word's contribution.
         """
-        ids, scores = self.search_ids(query_indices, query_values, k)
+        g = self._gen
+        ids, scores = self._top(g, query_indices, query_values, k)
         terms, weights = self._query(query_indices, query_values) if explain else (None, None)
         hits = []
         for doc, score in zip(ids.tolist(), scores.tolist()):
-            meta = self._gen.metadata(doc)
-            words = self._explain(doc, terms, weights) if explain else None
+            meta = g.metadata(doc)
+            words = self._explain(g, doc, terms, weights) if explain else None
             hits.append(Hit(doc, str(meta.get("key")), score, meta, words))
         return hits
 
@@ -304,15 +314,19 @@ class SparseIndex(IndexWriter):
         """
         self._check_doc(doc)
         terms, weights = self._query(query_indices, query_values)
-        return self._explain(doc, terms, weights)
+        return self._explain(self._gen, doc, terms, weights)
 
-    def _explain(self, doc: int, terms: np.ndarray, weights: np.ndarray) -> list[tuple[str, float]]:
-        d_terms, d_weights = self.vector(doc)
+    @staticmethod
+    def _explain(
+        g: Generation, doc: int, terms: np.ndarray, weights: np.ndarray
+    ) -> list[tuple[str, float]]:
+        a = g.arrays
+        s, e = a["doc_indptr"][doc], a["doc_indptr"][doc + 1]
+        d_terms, d_weights = a["doc_terms"][s:e], a["doc_weights"][s:e]
         common, qi, di = np.intersect1d(terms, d_terms, assume_unique=True, return_indices=True)
         contrib = weights[qi] * d_weights[di]  # (m,) float32, as in the kernel
         order = np.argsort(-contrib, kind="stable")
-        vocab = self.vocab
-        return [(vocab[int(common[i])], float(contrib[i])) for i in order]
+        return [(g.vocab[int(common[i])], float(contrib[i])) for i in order]
 
     def search_batch(
         self,
@@ -341,13 +355,14 @@ class SparseIndex(IndexWriter):
         ip, ix, vals = canonical_csr(q_indptr, q_indices, q_values, len(self.vocab), "query batch")
         Q = len(ip) - 1
         ids, scores = np.full((Q, k), -1, np.int64), np.zeros((Q, k), np.float32)
-        if self._gen.num_docs == 0 or Q == 0:
+        g = self._gen
+        if g.num_docs == 0 or Q == 0:
             return ids, scores
         threads = _kernels.get_num_threads() if num_threads is None else num_threads
         chunks = 1 if threads <= 1 else min(Q, 4 * threads)
         with _kernels.parallel(threads, chunksize=1):
-            kk = min(k, self._gen.num_docs)
-            _kernels.search_many(*self._arrays(), ip, ix, vals, kk, chunks, ids, scores)
+            kk = min(k, g.num_docs)
+            _kernels.search_many(*self._arrays(g), ip, ix, vals, kk, chunks, ids, scores)
         empty = int((np.diff(ip) == 0).sum())
         if empty:
             logger.warning("%d of %d queries have no active words: no hits for them", empty, Q)
