@@ -37,14 +37,18 @@ from numba import njit, prange, types, uint32, uint64
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-PREFETCH_AHEAD = 4  # posting lists prefetched ahead of the one being scattered
+PREFETCH_AHEAD = 8  # posting lists prefetched ahead of the one being scattered
 PREFETCH_MAX = 1024  # postings prefetched per list (longer lists stream well by themselves)
 CHUNK = 64  # documents per block of the selection pass
 
 
 @intrinsic
 def _prefetch(typingctx, array, index):  # noqa: ANN001, ANN202 (numba intrinsic signature)
-    """`llvm.prefetch(&array[index], read, high locality)`: a hint, never a fault."""
+    """`llvm.prefetch(&array[index], read, locality 2)`: a hint, never a fault.
+
+    Locality 2 (prefetcht1, into L2 rather than L1) with 8 lists ahead measured ~15% faster than
+    locality 3 with 4 lists ahead: more lines can be in flight, and L1 is not polluted.
+    """
     sig = types.void(array, index)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
@@ -55,7 +59,7 @@ def _prefetch(typingctx, array, index):  # noqa: ANN001, ANN202 (numba intrinsic
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(2), i32(1)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -205,10 +209,14 @@ def build_postings(doc_indptr, doc_terms, doc_weights, term_slot, post_indptr, n
 def _prefetch_list(post_indptr, post_docs, post_weights, t):  # noqa: ANN001, ANN202
     s = uint64(post_indptr[t])
     e = min(uint64(post_indptr[t + 1]), s + uint64(PREFETCH_MAX))
+    p = s
+    while p < e:
+        _prefetch(post_docs, p)
+        p += uint64(16)  # one 64-byte line of int32 ids
+    step = uint64(64 // post_weights.itemsize)  # one line of float32 or float16 weights
     while s < e:
-        _prefetch(post_docs, s)
         _prefetch(post_weights, s)
-        s += uint64(16)  # one 64-byte line of int32 / float32
+        s += step
 
 
 @njit(cache=True, nogil=True)
