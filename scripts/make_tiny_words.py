@@ -13,8 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lexvla.assets import resolve_reference
 from transformers import AutoTokenizer
+
+from lexvla.assets import resolve_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_BPE_WORDS = 3600
