@@ -53,7 +53,9 @@ def test_prefix_cache_follows_weight_updates_and_gradients(fresh_tiny_model):
         model.zero_grad()
         model.text.cfg.prefix_cache = use_cache
         model.text(model.text.forward_features(CAPTIONS)).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.text.llm.named_parameters() if p.requires_grad})
+        grads.append(
+            {n: p.grad.clone() for n, p in model.text.llm.named_parameters() if p.requires_grad}
+        )
     model.text.cfg.prefix_cache = True
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)

@@ -38,8 +38,13 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_smoke_training_reduces_the_loss_and_writes_the_run_folder(tmp_path):
-    cfg = _cfg("train.steps=40", "train.save_every=10", "train.keep_checkpoints=2",
-               "data.path=synthetic:64", "train.batch_size=16")
+    cfg = _cfg(
+        "train.steps=40",
+        "train.save_every=10",
+        "train.keep_checkpoints=2",
+        "data.path=synthetic:64",
+        "train.batch_size=16",
+    )
     state = fit(cfg, tmp_path, progress=False)
     assert state.step == 40
     losses = [m["loss"] for m in _metrics(tmp_path)]
@@ -58,15 +63,20 @@ def test_smoke_training_reduces_the_loss_and_writes_the_run_folder(tmp_path):
 
 def _run_until_killed(run: Path, args: list[str], kill_after_step: int) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([*TRAIN, *args, "--out", str(run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*TRAIN, *args, "--out", str(run)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
             metrics = run / "metrics.jsonl"
             if metrics.exists() and any(
                 json.loads(line).get("step", 0) >= kill_after_step
-                for line in metrics.read_text().splitlines() if line.endswith("}")
+                for line in metrics.read_text().splitlines()
+                if line.endswith("}")
             ):
                 break
             time.sleep(0.05)
@@ -78,12 +88,24 @@ def _run_until_killed(run: Path, args: list[str], kill_after_step: int) -> None:
 
 @pytest.mark.slow
 def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
-    args = ["--preset", "tiny", "--set", "train.steps=14", "--set", "train.save_every=3",
-            "--set", "train.keep_checkpoints=5", "--set", "data.path=synthetic:40"]
+    args = [
+        "--preset",
+        "tiny",
+        "--set",
+        "train.steps=14",
+        "--set",
+        "train.save_every=3",
+        "--set",
+        "train.keep_checkpoints=5",
+        "--set",
+        "data.path=synthetic:40",
+    ]
     killed = tmp_path / "killed"
     _run_until_killed(killed, args, kill_after_step=8)
     assert not (killed / "model").exists()
-    subprocess.run([*TRAIN, *args, "--out", str(killed), "--resume"], check=True, capture_output=True)
+    subprocess.run(
+        [*TRAIN, *args, "--out", str(killed), "--resume"], check=True, capture_output=True
+    )
     straight = tmp_path / "straight"
     subprocess.run([*TRAIN, *args, "--out", str(straight)], check=True, capture_output=True)
     a, b = _weights(killed), _weights(straight)
@@ -92,14 +114,18 @@ def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
     steps = [m["step"] for m in _metrics(killed)]
     assert steps == list(range(1, 15)), "every step logged exactly once"
-    assert [m["loss"] for m in _metrics(killed)] == pytest.approx([m["loss"] for m in _metrics(straight)])
+    assert [m["loss"] for m in _metrics(killed)] == pytest.approx(
+        [m["loss"] for m in _metrics(straight)]
+    )
 
 
 def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
     rng = np.random.default_rng(0)
     rows = ["filepath,caption"]
     for i in range(10):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            tmp_path / f"img{i}.png"
+        )
         rows.append(f"img{i}.png,a photo number {i} of a red dog")
     (tmp_path / "zero.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("this is not an image")
@@ -118,17 +144,43 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
 def test_two_processes_equal_one_process(tmp_path, strategy):
     if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("torchrun is not installed next to this Python")
-    common = ["--preset", "tiny", "--set", "train.steps=3", "--set", "train.batch_size=8",
-              "--set", "model.text.lora_dropout=0.0", "--set", "data.path=synthetic:32",
-              "--set", "train.save_every=0", "--set", f"train.distributed={strategy}"]
+    common = [
+        "--preset",
+        "tiny",
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "model.text.lora_dropout=0.0",
+        "--set",
+        "data.path=synthetic:32",
+        "--set",
+        "train.save_every=0",
+        "--set",
+        f"train.distributed={strategy}",
+    ]
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run([*TRAIN, *common, "--out", str(single)], check=True, capture_output=True)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-         "-m", "lexvla.train", *common, "--out", str(double)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "lexvla.train",
+            *common,
+            "--out",
+            str(double),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     losses_one = [m["loss"] for m in _metrics(single)]
