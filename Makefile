@@ -41,8 +41,8 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow and not assets" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/ruff check --no-cache src tests bench scripts
+	$(BIN)/ruff format --no-cache --check src tests bench scripts
 	$(BIN)/lint-imports
 
 format: $(STAMP)
