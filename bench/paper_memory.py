@@ -32,13 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -48,6 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from _common import machine_info, package_versions  # noqa: E402
 from lexvla.layers.fused_pool import fused_lexical_max_pool  # noqa: E402
 from lexvla.layers.lexical import naive_lexical_max_pool  # noqa: E402
 
@@ -253,19 +251,12 @@ def measured_check(sh: Shape, batch: int) -> dict[str, object]:
 
 
 # ------------------------------------------------------------------------------ report
-def machine_info() -> dict[str, object]:
-    cpu = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+def machine() -> dict[str, object]:
+    """Machine info of bench/_common.py plus torch's threads and library versions."""
     return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
+        **machine_info(),
         "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "versions": package_versions("torch", "transformers", "numpy"),
     }
 
 
@@ -318,9 +309,7 @@ def main() -> None:
     targets = {"model_step_peak_kept_backward_within_5pct_of_measured": check_ok(check, 0.05)}
     report = {
         "benchmark": "lexical max-pool memory, paper configuration (bench/paper_memory.py)",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": machine(),
         "inputs": {
             "P": sh.p,
             "V": sh.v,

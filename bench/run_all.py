@@ -1,0 +1,191 @@
+"""Run every benchmark in bench/ (each in its own process) and print a summary of their reports.
+
+    .venv/bin/python bench/run_all.py                      # all, full size (about 15 minutes on 2 cores)
+    .venv/bin/python bench/run_all.py --quick              # small sizes, reports go to a temp folder
+    .venv/bin/python bench/run_all.py --only train_step text_encoding
+    .venv/bin/python bench/run_all.py --summary-only       # summarise the reports in bench/results
+    .venv/bin/python bench/run_all.py --wait-quiet 1.0     # start each one when the machine is quiet
+
+Each benchmark writes bench/results/<name>.json (with --quick: a temporary folder, so the committed
+reports keep the full-size numbers). A benchmark that is not present is skipped; one that fails is
+reported and the others still run. The exit code is 1 when a benchmark failed or a target was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+
+# name -> extra arguments of a quick run
+BENCHMARKS: dict[str, list[str]] = {
+    "paper_memory": ["--no-check"],
+    "text_encoding": ["--captions", "64", "--repeats", "1"],
+    "train_step": ["--repeats", "1"],
+    "encode_throughput": ["--batches", "16", "--repeats", "1"],
+    "lexical_pool": ["--quick"],
+    "index_search": ["--quick"],
+}
+
+
+def wait_for_quiet(max_load: float, timeout_s: float) -> float:
+    """Wait (up to `timeout_s`) until the 1-minute load average is at most `max_load`; returns it."""
+    deadline = time.monotonic() + timeout_s
+    load = os.getloadavg()[0]
+    while load > max_load and time.monotonic() < deadline:
+        time.sleep(10)
+        load = os.getloadavg()[0]
+    return load
+
+
+def run(name: str, quick: bool, out_dir: Path) -> tuple[bool, float]:
+    """Run one benchmark script; (succeeded, seconds)."""
+    script = BENCH / f"{name}.py"
+    cmd = [sys.executable, str(script)]
+    if quick:
+        source = script.read_text()
+        quick_args = BENCHMARKS[name]
+        if all(f'"{a}"' in source for a in quick_args if a.startswith("--")):
+            cmd += quick_args  # only when the script knows every flag
+        if '"--out"' in source:
+            cmd += ["--out", str(out_dir / f"{name}.json")]
+    print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    code = subprocess.run(cmd, cwd=BENCH.parent).returncode
+    return code == 0, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------ summaries
+def _fmt_targets(report: dict) -> str:
+    targets = report.get("targets", {})
+    return ", ".join(
+        f"{k}={'yes' if v else ('n/a' if v is None else 'NO')}" for k, v in targets.items()
+    )
+
+
+def _text_encoding(r: dict) -> list[str]:
+    return [
+        f"{name}: prefix cache {row['prefix_cache_on']['total_s']:.1f} s vs "
+        f"{row['prefix_cache_off']['total_s']:.1f} s for {r['inputs']['captions']} captions = "
+        f"{row['speedup']:.2f}x (target {row['target_speedup']}x), max |Δw| {row['weights_max_abs_diff']:.1e}"
+        for name, row in r["results"].items()
+    ]
+
+
+def _train_step(r: dict) -> list[str]:
+    med = {k: v["median_s"]["step"] for k, v in r["results"].items()}
+    split = ", ".join(f"{k} {v:.2f} s" for k, v in r["split_s"].items())
+    return [
+        f"step: cached features {med['cached']:.2f} s vs recompute DINOv2 {med['recompute']:.2f} s "
+        f"= {r['speedup']:.2f}x (target 1.8x)",
+        f"split: {split}",
+    ]
+
+
+def _encode_throughput(r: dict) -> list[str]:
+    return [
+        f"{what} batch {b}: {row['ours']['per_s']:.1f}/s (reference {row['reference']['per_s']:.1f}/s)"
+        for what, rows in r["results"].items()
+        for b, row in rows.items()
+    ]
+
+
+def _paper_memory(r: dict) -> list[str]:
+    lines = []
+    for dtype in ("fp32", "bf16"):
+        rows = r["computed"][dtype]
+        lines.append(
+            f"{dtype} MiB/image: naive {rows['naive']['peak_mib']:.2f}, activate-then-max "
+            f"{rows['naive_activate_then_max']['peak_mib']:.2f}, fused {rows['fused']['peak_mib']:.2f}"
+        )
+    return lines
+
+
+def _lexical_pool(r: dict) -> list[str]:
+    return [
+        f"{name}: {row['median_s']:.2f} s, {row.get('allocator_mib', float('nan')):.0f} MiB"
+        for name, row in r.get("results", {}).items()
+    ]
+
+
+SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
+    "text_encoding": _text_encoding,
+    "train_step": _train_step,
+    "encode_throughput": _encode_throughput,
+    "paper_memory": _paper_memory,
+    "lexical_pool": _lexical_pool,
+}
+
+
+def summarise(name: str, path: Path) -> bool:
+    """Print a report's key numbers and targets; True when no target was missed."""
+    if not path.is_file():
+        print(f"{name}: no report at {path}")
+        return False
+    report = json.loads(path.read_text())
+    machine = report.get("machine", {})
+    date = report.get("date") or machine.get("date", "?")
+    load = [round(x, 2) for x in machine.get("load_average_at_start") or []]
+    busy = report.get("contention", {}).get("other_processes_cpu_cores")
+    others = "" if busy is None else f", other processes used {busy:.2f} cores"
+    print(f"{name} ({date}, load average at start {load}{others})")
+    try:
+        lines = SUMMARIES.get(name, lambda _: [])(report)
+    except (KeyError, TypeError) as err:  # another engineer's report format changed
+        lines = [f"(summary unavailable: {err!r})"]
+    for line in lines:
+        print(f"  {line}")
+    print(f"  targets: {_fmt_targets(report) or 'none'}")
+    return all(v is not False for v in report.get("targets", {}).values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, reports to a temp folder"
+    )
+    parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), help="run these only")
+    parser.add_argument(
+        "--summary-only", action="store_true", help="only summarise existing reports"
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="LOAD",
+        help="before each benchmark, wait (up to 10 minutes) for the 1-minute load average to drop "
+        "to LOAD (the machine is shared; 0: do not wait)",
+    )
+    args = parser.parse_args()
+    names = [n for n in (args.only or BENCHMARKS) if (BENCH / f"{n}.py").is_file()]
+    out_dir = Path(tempfile.mkdtemp(prefix="lexvla-bench-")) if args.quick else RESULTS
+    status: dict[str, tuple[bool, float]] = {}
+    if not args.summary_only:
+        for name in names:
+            if args.wait_quiet > 0:
+                print(f"load average {wait_for_quiet(args.wait_quiet, 600):.2f}", flush=True)
+            status[name] = run(name, args.quick, out_dir)
+    print("\n=== summary")
+    all_ok = True
+    for name in names:
+        if name in status and not status[name][0]:
+            print(f"{name}: FAILED after {status[name][1]:.0f} s")
+            all_ok = False
+            continue
+        all_ok &= summarise(name, out_dir / f"{name}.json")
+        if name in status:
+            print(f"  ran in {status[name][1]:.0f} s")
+    sys.exit(0 if all_ok else 1)
+
+
+if __name__ == "__main__":
+    main()
