@@ -55,6 +55,11 @@ class TextConfig:
     """The generative LLM that predicts a caption's words through an in-context prompt."""
 
     backbone: str = "meta-llama/Llama-2-7b-hf"  # HF hub name, local folder or `offline:NAME`
+    # "llm": the LLM predicts the caption's words through the prompt (the paper's method). "bow": the
+    # paper's bag-of-words ablation: the text vector is the caption's own words, i.e. 1 on every
+    # lexical dimension whose token occurs in the lower-cased, tokenized caption, L2-normalised (the
+    # LLM is not run; its LM head still initialises the image codebook; needs use_lora=false).
+    encoder: str = "llm"
     tokenizer: str = ""  # empty: same as backbone
     pretrained: bool = (
         True  # False: random init from `arch` (the `tiny` preset, meta-device builds)

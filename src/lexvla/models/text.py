@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import (
     DynamicCache,
@@ -31,6 +32,7 @@ from lexvla.vocab import LexicalVocabulary
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 CAPTION_SLOT = "{caption}"
+ENCODERS = ("llm", "bow")
 
 
 def build_llm(cfg: TextConfig, device: torch.device | None = None) -> PreTrainedModel:
@@ -95,6 +97,12 @@ class TextTower(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
+        if cfg.encoder not in ENCODERS:
+            raise LexVLAError(
+                f"model.text.encoder {cfg.encoder!r}: use one of {', '.join(ENCODERS)}"
+            )
+        if cfg.encoder == "bow" and cfg.use_lora:
+            raise LexVLAError("model.text.encoder='bow' runs no LLM: set model.text.use_lora=false")
         if CAPTION_SLOT not in cfg.prompt:
             raise LexVLAError(f"model.text.prompt must contain {CAPTION_SLOT}: got {cfg.prompt!r}")
         self.cfg = cfg
@@ -122,6 +130,7 @@ class TextTower(nn.Module):
                 targets=cfg.lora_targets,
             )
         self.llm = llm
+        self._lexical_index = {token: i for i, token in enumerate(vocab.token_ids)}
         self._prefix_token_ids: Tensor | None = None
         self._prefix_cache: list[tuple[Tensor, Tensor]] | None = None
         self._prefix_cache_key: tuple | None = None
@@ -164,11 +173,28 @@ class TextTower(nn.Module):
         With `prefix_cache`, the prompt prefix is run once and its keys/values reused; the result equals
         the uncached path (rows whose tokens do not start with the prefix tokens fall back to it).
         """
+        if self.cfg.encoder == "bow":
+            return self.bag_of_words(captions)
         batch = self.tokenize(captions)
         prefix_ids = self._prefix_ids() if self.cfg.prefix_cache else None
         if prefix_ids is not None and _starts_with(batch.input_ids, prefix_ids):
             return self._forward_with_prefix(batch, prefix_ids)
         return self._forward_full(batch)
+
+    def bag_of_words(self, captions: list[str]) -> Tensor:
+        """The "bow" text side: B captions -> (B, V) 0/1 presence of each lexical token in the caption.
+
+        The caption is cleaned, lower-cased and tokenized without special tokens; tokens outside the
+        lexical vocabulary (punctuation, one-letter words) are dropped.
+        """
+        if isinstance(captions, str):
+            captions = [captions]
+        bags = torch.zeros(len(captions), self.codebook.shape[0], device=self.codebook.device)
+        for b, caption in enumerate(captions):
+            ids = self.tokenizer(clean_caption(caption, b).lower(), add_special_tokens=False)
+            kept = [self._lexical_index[t] for t in ids["input_ids"] if t in self._lexical_index]
+            bags[b, kept] = 1.0
+        return bags  # (B, V)
 
     def _forward_full(self, batch: TokenizedPrompts) -> Tensor:
         device = self.codebook.device
@@ -236,5 +262,7 @@ class TextTower(nn.Module):
         return out.last_hidden_state[rows, (batch.last_index - K).to(device)]  # (B, D)
 
     def forward(self, features: Tensor) -> Tensor:
-        """(B, D) features -> (B, V) L2-normalised text weights."""
+        """(B, D) features -> (B, V) L2-normalised text weights ("bow": (B, V) bags, normalised)."""
+        if self.cfg.encoder == "bow":
+            return F.normalize(features.float(), dim=-1)
         return lexical_weights(features.float() @ self.codebook.t())

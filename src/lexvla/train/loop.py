@@ -160,7 +160,9 @@ def _feature_caches(
         preprocessing = [vision.image_size, vision.resize_size, vision.mean, vision.std]
         fingerprint = module_fingerprint(model.vision.backbone, preprocessing)
         image_cache = ImageFeatureCache(ckpt.feature_cache_root(run_dir), fingerprint)
-    text_cache = TextFeatureCache() if not cfg.model.text.use_lora else None
+    # A "bow" text side is cheap and (B, V) wide: not worth caching.
+    text = cfg.model.text
+    text_cache = TextFeatureCache() if not text.use_lora and text.encoder == "llm" else None
     return image_cache, text_cache
 
 
