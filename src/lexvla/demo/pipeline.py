@@ -248,12 +248,20 @@ def _index_and_search(run: DemoRun, model: Any, data: DemoData) -> Any:
         hits = engine.search(query, k=3, explain=True)
         searches.append({"query": text, "query_words": query.top(8), "hits": hits})
         best = hits[0] if hits else None
-        words = ", ".join(
-            f"{w['word']} {w['contribution']:.3f}" for w in (best or {}).get("words", [])[:4]
+        words = _word_shares(
+            [(w["word"], w["contribution"]) for w in (best or {}).get("words", [])[:4]],
+            best["score"] if best else 0.0,
         )
         run.console.print(f"  [bold]{text!r}[/bold] → {best['key'] if best else '-'}  ({words})")
     run.results["searches"] = searches
     return engine
+
+
+def _word_shares(contributions: list[tuple[str, float]], score: float) -> str:
+    """'dog 12%, grass 7%': each word's share of the score it contributes to."""
+    if score <= 0:
+        return ", ".join(word for word, _ in contributions)
+    return ", ".join(f"{word} {100 * value / score:.0f}%" for word, value in contributions)
 
 
 def _open_index(path: Path) -> Any:
@@ -283,7 +291,7 @@ def _look_inside(run: DemoRun, engine: Any, data: DemoData) -> None:
                 model_ref="demo run",
             )
         pages.append(result)
-        top = ", ".join(f"{w} {v:.3f}" for w, v in result.get("contributions", [])[:5])
+        top = _word_shares(result.get("contributions", [])[:5], result.get("score", 0.0))
         run.console.print(
             f"  {name}: score {result.get('score', 0):.3f} for {sample.captions[0]!r} ← {top}"
         )
