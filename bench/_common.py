@@ -1,6 +1,6 @@
 """Small helpers shared by the benchmark scripts: machine info, versions, timing, JSON and tables.
 
-Nothing here imports torch or lexvla, so any benchmark can use it.
+Nothing here imports torch or lexvla at module level, so any benchmark can use it.
 """
 
 from __future__ import annotations
@@ -124,3 +124,38 @@ def print_table(
         print(
             "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
         )
+
+
+def torch_machine_info() -> dict[str, object]:
+    """`machine_info()` plus torch's thread count and the model libraries' versions."""
+    import torch  # only the model benchmarks call this
+
+    return {
+        **machine_info(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": package_versions("torch", "transformers", "numpy"),
+    }
+
+
+class Contention:
+    """CPU used by other processes while the benchmark runs (the machine is shared), from /proc/stat."""
+
+    def __init__(self) -> None:
+        self.start = self.sample()
+
+    @staticmethod
+    def sample() -> tuple[float, float, float]:
+        """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process)."""
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait, steal included
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+    def report(self) -> dict[str, object]:
+        (wall0, busy0, own0), (wall, busy, own) = self.start, self.sample()
+        elapsed = wall - wall0
+        return {
+            "seconds": elapsed,
+            "own_cpu_cores": (own - own0) / elapsed,
+            "other_processes_cpu_cores": max(0.0, (busy - busy0) - (own - own0)) / elapsed,
+            "load_average_at_end": list(os.getloadavg()),
+        }

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import lexvla  # noqa: E402
-from _common import machine_info, package_versions, write_json  # noqa: E402
+from _common import Contention, torch_machine_info, write_json  # noqa: E402
 from lexvla.config import DEFAULT_PROMPT, FEW_SHOT_PROMPT  # noqa: E402
 from lexvla.models.lexvla import LexVLA  # noqa: E402
 
@@ -51,39 +51,6 @@ ATOL = 1e-4
 
 
 # ------------------------------------------------------------------------------ helpers
-def machine() -> dict[str, object]:
-    """Machine info of bench/_common.py plus torch's threads and library versions."""
-    return {
-        **machine_info(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": package_versions("torch", "transformers", "numpy"),
-    }
-
-
-class Contention:
-    """CPU used by other processes while the benchmark runs (the machine is shared), from /proc/stat."""
-
-    def __init__(self) -> None:
-        self.start = self.sample()
-
-    @staticmethod
-    def sample() -> tuple[float, float, float]:
-        """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process)."""
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait, steal included
-        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
-
-    def report(self) -> dict[str, object]:
-        (wall0, busy0, own0), (wall, busy, own) = self.start, self.sample()
-        elapsed = wall - wall0
-        return {
-            "seconds": elapsed,
-            "own_cpu_cores": (own - own0) / elapsed,
-            "other_processes_cpu_cores": max(0.0, (busy - busy0) - (own - own0)) / elapsed,
-            "load_average_at_end": list(os.getloadavg()),
-        }
-
-
 def load_captions(n: int, path: Path = COCO_CAPTIONS) -> tuple[list[str], str]:
     """The first n real COCO captions (by annotation id), else n generated COCO-like captions."""
     if path.is_file():
@@ -203,7 +170,7 @@ def main() -> None:
     args = parser.parse_args()
     captions, source = load_captions(args.captions)
     batches = [captions[i : i + args.batch] for i in range(0, len(captions), args.batch)]
-    machine_at_start = machine()
+    machine_at_start = torch_machine_info()
     contention = Contention()
     model = lexvla.create_model(args.model).eval()
     print(

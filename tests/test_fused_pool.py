@@ -153,3 +153,16 @@ def test_autocast_bfloat16_matches_naive():
     # naive back-propagates through bf16 matmuls, fused accumulates in fp32: bf16-level agreement
     for got, want in ((grad_h, ref_h), (grad_z, ref_z)):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
+def test_search_dtype_setting_selects_the_fast_search():
+    """`lexical_max_pool(search_dtype=...)` (the config's `lexical.pool_search_dtype`) reaches the
+    fused pool: "bfloat16" gives the fast search's values, "float32" the exact ones; others fail."""
+    hidden, codebook, _ = _inputs(2, 32, 16, 200, seed=7)
+    exact = naive_lexical_max_pool(hidden, codebook)
+    fast = fused_lexical_max_pool(hidden, codebook, 64, search_dtype=torch.bfloat16)
+    pool = lexical_max_pool
+    torch.testing.assert_close(pool(hidden, codebook, chunk_size=64, search_dtype="float32"), exact)
+    assert torch.equal(pool(hidden, codebook, chunk_size=64, search_dtype="bfloat16"), fast)
+    with pytest.raises(ValueError, match="pool search dtype 'float16'"):
+        pool(hidden, codebook, search_dtype="float16")

@@ -39,20 +39,34 @@ def naive_lexical_max_pool(hidden: Tensor, codebook: Tensor) -> Tensor:
     return patch_logits.max(dim=1).values  # (B, V)
 
 
+_SEARCH_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
 def lexical_max_pool(
-    hidden: Tensor, codebook: Tensor, *, impl: str = "fused", chunk_size: int = 4096
+    hidden: Tensor,
+    codebook: Tensor,
+    *,
+    impl: str = "fused",
+    chunk_size: int = 4096,
+    search_dtype: str = "float32",
 ) -> Tensor:
     """Max over patches of the patch logits `hidden · codebookᵀ`: (B, P, D), (V, D) -> (B, V).
 
     `impl="fused"` computes it in vocabulary chunks and keeps only the arg-max patch per (image, word)
     for the backward pass; `impl="naive"` is the reference. Both give the same values and gradients.
+    `search_dtype="bfloat16"` (fused only) searches the arg-max patch in bf16 and recomputes its value
+    exactly: faster where bf16 matmuls are native, may pick another patch on near-ties.
     """
+    if search_dtype not in _SEARCH_DTYPES:
+        raise ValueError(f"unknown pool search dtype {search_dtype!r}: use {list(_SEARCH_DTYPES)}")
     if impl == "naive":
         return naive_lexical_max_pool(hidden, codebook)
     if impl == "fused":
         from lexvla.layers.fused_pool import fused_lexical_max_pool
 
-        return fused_lexical_max_pool(hidden, codebook, chunk_size)
+        return fused_lexical_max_pool(
+            hidden, codebook, chunk_size, search_dtype=_SEARCH_DTYPES[search_dtype]
+        )
     raise ValueError(f"unknown pooling impl {impl!r}: use 'fused' or 'naive'")
 
 

@@ -87,6 +87,7 @@ class VisionTower(nn.Module):
             self.codebook,
             impl=self.lexical.pooling,
             chunk_size=self.lexical.pool_chunk_size,
+            search_dtype=self.lexical.pool_search_dtype,
         )
 
     def patch_logits(self, hidden: Tensor) -> Tensor:
