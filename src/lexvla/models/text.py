@@ -7,6 +7,7 @@ onto the lexical vocabulary.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -227,7 +228,7 @@ class TextTower(nn.Module):
         if not needs_grad and self._prefix_cache_key == key and self._prefix_cache is not None:
             return self._prefix_cache
         out = self._decoder()(input_ids=prefix_ids[None].to(self.codebook.device), use_cache=True)
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        layers = [(layer.keys, layer.values) for layer in _returned_cache(out).layers]
         if not needs_grad:
             self._prefix_cache, self._prefix_cache_key = (
                 [(k.detach(), v.detach()) for k, v in layers],
@@ -255,8 +256,8 @@ class TextTower(nn.Module):
             input_ids=rest_ids,
             attention_mask=attention_mask.to(device),
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{_cache_argument(self._decoder()): cache},
         )
         rows = torch.arange(B, device=device)
         return out.last_hidden_state[rows, (batch.last_index - K).to(device)]  # (B, D)
@@ -266,3 +267,16 @@ class TextTower(nn.Module):
         if self.cfg.encoder == "bow":
             return F.normalize(features.float(), dim=-1)
         return lexical_weights(features.float() @ self.codebook.t())
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """Name of the decoder's KV-cache argument: `cache` (transformers >= 5.x) or `past_key_values`."""
+    return (
+        "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    )
+
+
+def _returned_cache(output: object) -> DynamicCache:
+    """The KV cache of a decoder output, under its new (`cache`) or old (`past_key_values`) name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
