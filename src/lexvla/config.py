@@ -280,7 +280,9 @@ def load_config(cls: type[T], path: str | Path) -> T:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LexVLAError(f"config file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except OSError as err:  # a directory, no permission, ...
+        raise LexVLAError(f"cannot read the config file {path}: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise LexVLAError(f"config file {path} is not valid JSON: {err}") from None
     try:
         return from_dict(cls, data)
@@ -321,4 +323,6 @@ def _split_override(text: str) -> tuple[str, Any]:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError:
+        raise LexVLAError(f"override '{key}': the value is nested too deeply") from None
     return key.strip(), value

@@ -159,5 +159,5 @@ class LexicalVocabulary:
     def load(cls, path: str | Path) -> LexicalVocabulary:
         try:
             return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON or UTF-8
             raise LexVLAError(f"cannot read vocabulary file {path}: {err}") from None

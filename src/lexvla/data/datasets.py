@@ -19,6 +19,7 @@ Formats (see :data:`FORMATS`):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lexvla.config import DataConfig
-from lexvla.data.sample import LazySample, Sample, SkipCounter
+from lexvla.data.sample import LazySample, Sample, SkipCounter, utf8_text
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
 
@@ -240,7 +241,7 @@ def synthetic_size(text: str, default: int = 512) -> int:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise LexVLAError(f"{path} is not valid JSON: {err}") from None
 
 
@@ -292,11 +293,14 @@ def read_coco_captions(
     path = Path(path)
     data = _read_json(path) if data is None else data
     captions: dict[Any, list[str]] = {}
-    for ann in data["annotations"]:
-        text = str(ann.get("caption", "")).strip()
-        if text:
-            captions.setdefault(ann["image_id"], []).append(text)
-    images = [im for im in data["images"] if im["id"] in captions]
+    with _malformed(path, "annotations"):
+        for ann in data["annotations"]:
+            text = utf8_text(str(ann.get("caption", "")).strip())
+            if text:
+                captions.setdefault(ann["image_id"], []).append(text)
+    with _malformed(path, "images"):
+        images = [im for im in data["images"] if im["id"] in captions]
+        names = [str(im["file_name"]) for im in images]
     if not images:
         hint = (
             " (it looks like an instances file: use lexvla.data.CocoInstanceMasks for PatchDis)"
@@ -308,11 +312,21 @@ def read_coco_captions(
         logger.info(
             "%s: %d images without captions ignored", path, len(data["images"]) - len(images)
         )
-    folder = resolve_images_dir(path, images[0]["file_name"], images_dir)
+    folder = resolve_images_dir(path, names[0], images_dir)
     return [
-        ImageRecord(im["file_name"], str(folder / im["file_name"]), captions[im["id"]])
-        for im in images
+        ImageRecord(name, str(folder / name), captions[im["id"]]) for name, im in zip(names, images)
     ]
+
+
+@contextlib.contextmanager
+def _malformed(path: Path, part: str) -> Iterator[None]:
+    """Turn a missing field or a wrong type in a caption file's `part` into a LexVLAError naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError) as err:
+        raise LexVLAError(
+            f"{path}: malformed {part} entry ({type(err).__name__}: {err}); {FORMAT_HELP}"
+        ) from None
 
 
 def read_karpathy(
@@ -326,7 +340,14 @@ def read_karpathy(
         )
     data = _read_json(path) if data is None else data
     wanted = KARPATHY_SPLITS[split]
-    images = [im for im in data["images"] if im.get("split", "train") in wanted]
+    with _malformed(path, "images"):
+        images = [im for im in data["images"] if im.get("split", "train") in wanted]
+        return _karpathy_records(path, images, images_dir, split, data)
+
+
+def _karpathy_records(
+    path: Path, images: list[Any], images_dir: str | Path | None, split: str, data: Any
+) -> list[ImageRecord]:
     if not images:
         found = sorted({str(im.get("split")) for im in data["images"]})
         raise LexVLAError(f"{path} has no image in split {split!r} (splits present: {found})")
@@ -338,7 +359,7 @@ def read_karpathy(
     folder = resolve_images_dir(path, relpath(images[0]), images_dir, extra)
     records = []
     for im in images:
-        texts = [str(s.get("raw", "")).strip() for s in im.get("sentences", [])]
+        texts = [utf8_text(str(s.get("raw", "")).strip()) for s in im.get("sentences", [])]
         texts = [t for t in texts if t]
         if texts:
             records.append(ImageRecord(relpath(im), str(folder / relpath(im)), texts))
@@ -359,11 +380,16 @@ def read_table(
     grouped: dict[str, list[str]] = {}
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
-        path_col, caption_col = _table_columns(reader.fieldnames, path)
-        for row in reader:
-            file, text = (row.get(path_col) or "").strip(), (row.get(caption_col) or "").strip()
-            if file and text:
-                grouped.setdefault(file, []).append(text)
+        try:
+            path_col, caption_col = _table_columns(reader.fieldnames, path)
+            for row in reader:
+                file, text = (row.get(path_col) or "").strip(), (row.get(caption_col) or "").strip()
+                if file and text:
+                    grouped.setdefault(file, []).append(text)
+        except (csv.Error, UnicodeDecodeError) as err:  # a field over the size limit, binary data
+            raise LexVLAError(
+                f"{path} line {reader.line_num}: not a readable table ({err}); {FORMAT_HELP}"
+            ) from None
     if not grouped:
         raise LexVLAError(f"{path} has no row with both a file path and a caption")
     return [ImageRecord(f, str(base / f), texts) for f, texts in grouped.items()]

@@ -90,6 +90,12 @@ class LazySample(Sample):
         return f"LazySample(key={self.key!r}, path={self.path!r}, captions={len(self.captions)})"
 
 
+def utf8_text(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates: undecodable file names, JSON escapes
+    like "\\ud800") replaced by "?": no tokenizer or UTF-8 file takes them."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 @dataclass
 class SkipCounter:
     """Counts skipped samples and logs each skipped file once, with its reason.

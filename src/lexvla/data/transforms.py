@@ -22,6 +22,8 @@ from lexvla.errors import LexVLAError
 
 # Refuse decompression bombs explicitly instead of PIL's warning: 8k x 8k is far above any photo we need.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# Above this many resize_size^2 areas (aspect ratio > 16), only the centre crop's box is resized.
+MAX_RESIZE_AREA = 16
 
 
 def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
@@ -116,8 +118,14 @@ class ImageProcessor:
         scale = self.resize_size / min(image.size)
         width = max(side, round(image.width * scale))
         height = max(side, round(image.height * scale))
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
         left, top = (width - side) // 2, (height - side) // 2
+        if width * height > MAX_RESIZE_AREA * self.resize_size**2:
+            # An extreme aspect ratio (a 8000 x 2 strip would become 1M pixels wide): resize only
+            # the source box that the crop keeps, so memory stays bounded.
+            sx, sy = width / image.width, height / image.height
+            box = (left / sx, top / sy, (left + side) / sx, (top + side) / sy)
+            return image.resize((side, side), Image.Resampling.BICUBIC, box=box)
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
         return image.crop((left, top, left + side, top + side))
 
     def to_tensor(self, image: Image.Image) -> Tensor:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lexvla.data.sample import Sample, SkipCounter
+from lexvla.data.sample import Sample, SkipCounter, utf8_text
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
 
@@ -89,13 +89,23 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ reading one tar
-def _safe_member(member: tarfile.TarInfo) -> bool:
+def safe_member(member: tarfile.TarInfo) -> bool:
     """True for a regular file whose name stays inside the archive root."""
     if not member.isfile():
         return False
     name = member.name.replace("\\", "/")
     parts = PurePosixPath(name).parts
     return bool(parts) and not name.startswith("/") and ".." not in parts and ":" not in parts[0]
+
+
+def truncated_tar(path: str | Path) -> tarfile.ReadError | None:
+    """An error if an uncompressed tar is cut short (its size is not a multiple of 512 bytes).
+
+    tarfile reads a header cut in the middle as the end of the archive, silently.
+    """
+    if str(path).endswith(".tar") and os.path.getsize(path) % tarfile.BLOCKSIZE:
+        return tarfile.ReadError("the file is truncated (not a whole number of 512-byte blocks)")
+    return None
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -117,7 +127,7 @@ def iter_tar_groups(
     try:
         with open(source, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
             for member in tar:
-                if not _safe_member(member):
+                if not safe_member(member):
                     if not member.isdir():
                         logger.debug("%s: ignoring member %r", source, member.name)
                     continue
@@ -132,6 +142,9 @@ def iter_tar_groups(
                     group = None
                 group = group or {"__key__": key}
                 group[ext] = data
+            truncated = truncated_tar(source)
+            if truncated is not None:
+                raise truncated
     except (tarfile.TarError, EOFError, OSError, ValueError) as err:
         if skips is not None:
             skips.add(str(source), f"unreadable shard ({type(err).__name__}: {err})")
@@ -153,7 +166,7 @@ def decode_group(
         try:
             meta = json.loads(group["json"].decode("utf-8"))
             meta = meta if isinstance(meta, dict) else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             meta = {}
     captions = _captions(group, meta)
     ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
@@ -180,7 +193,8 @@ def _captions(group: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         if any(lines):
             return [line for line in lines if line]
     found = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
-    return [str(c).strip() for c in found if str(c).strip()]
+    found = found if isinstance(found, list) else [found]
+    return [utf8_text(str(c).strip()) for c in found if str(c).strip()]
 
 
 # ------------------------------------------------------------------------------ dataset

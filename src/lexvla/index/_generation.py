@@ -183,11 +183,11 @@ def _write_files(
         size = (out / f"{name}.npy").stat().st_size
         files[f"{name}.npy"] = {"sha256": sha, "bytes": size, "shape": list(array.shape)}
     _write_blob(out / "docs.jsonl", t.docs_jsonl)
-    _write_blob(out / "keys.json", [json.dumps(t.keys, ensure_ascii=False).encode("utf-8")])
+    _write_blob(out / "keys.json", [_io.json_bytes(t.keys)])
     if link_from is not None and (link_from / "vocab.json").is_file():
         os.link(link_from / "vocab.json", out / "vocab.json")
     else:
-        _write_blob(out / "vocab.json", [json.dumps(vocab, ensure_ascii=False).encode("utf-8")])
+        _write_blob(out / "vocab.json", [_io.json_bytes(vocab)])
     for name in BLOBS:
         files[name] = {"sha256": _io.sha256_file(out / name), "bytes": (out / name).stat().st_size}
     return files
@@ -239,7 +239,15 @@ class Generation:
 
     def metadata(self, doc: int) -> dict[str, Any]:
         off = self.arrays["docs_offsets"]
-        return _DECODER.decode(self.docs[off[doc] : off[doc + 1]].decode("utf-8"))
+        try:
+            meta = _DECODER.decode(self.docs[off[doc] : off[doc + 1]].decode("utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8 or not JSON: opened with verify=False
+            meta = None
+        if not isinstance(meta, dict):
+            raise LexVLAError(
+                f"{self.path / 'docs.jsonl'}: the metadata of document {doc} is damaged; rebuild"
+            )
+        return meta
 
     def keys(self) -> list[str]:
         """Key of every document (parsed on first use)."""

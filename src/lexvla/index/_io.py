@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+import tokenize
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def json_bytes(obj: Any, indent: int | None = None) -> bytes:
+    """UTF-8 JSON of `obj`; lone surrogates in its strings are written as \\u escapes (see jsonable)."""
+    try:
+        return json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, indent=indent).encode("utf-8")
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, json_bytes(obj, indent=1) + b"\n")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -134,10 +143,15 @@ def read_json(path: Path, what: str) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LexVLAError(f"{what}: {path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise LexVLAError(
             f"{what}: {path} is not valid JSON ({err}); the file is corrupt"
         ) from None
+
+
+# What np.load raises on a damaged file: a damaged header fails numpy's literal_eval of it with
+# SyntaxError or tokenize.TokenError, not only ValueError.
+NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError)
 
 
 def load_npy(
@@ -152,7 +166,7 @@ def load_npy(
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except FileNotFoundError:
         raise LexVLAError(f"{what}: {path} is missing; rebuild the index") from None
-    except (ValueError, OSError, EOFError) as err:
+    except NPY_ERRORS as err:
         raise LexVLAError(
             f"{what}: {path} cannot be read ({err}); it is truncated, corrupt or holds pickled"
             " objects (refused). Rebuild it."
@@ -178,8 +192,19 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def jsonable(obj: Mapping[str, Any], what: str) -> str:
-    """One-line JSON of a metadata dict (raises LexVLAError if it cannot be serialised)."""
+    """One-line JSON of a metadata dict (raises LexVLAError if it cannot be serialised).
+
+    Text is kept as UTF-8, except in a record holding lone surrogates (an undecodable file name, a
+    "\\ud800" JSON escape), which is written with \\u escapes: still one valid UTF-8 line that reads
+    back to the same strings.
+    """
     try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as err:
+        line = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        if not line.isascii():
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                line = json.dumps(obj, separators=(",", ":"), allow_nan=False)
+        return line
+    except (TypeError, ValueError, RecursionError) as err:
         raise LexVLAError(f"{what}: metadata is not JSON-serialisable ({err})") from None

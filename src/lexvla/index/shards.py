@@ -105,6 +105,8 @@ def read_shard_manifest(directory: str | Path) -> ShardManifest:
                 f" expected {SHARDS_FORMAT!r} v{SHARDS_VERSION}"
             )
         shards = tuple(ShardInfo(**s) for s in data["shards"])
+        for info in shards:  # names become file names: none may leave the directory ("../x")
+            _io.check_name(info.name, f"shard (listed in {directory / 'manifest.json'})")
         return ShardManifest(
             directory,
             int(data["vocab_size"]),
@@ -243,7 +245,7 @@ def _load_npz(path: Path, info: ShardInfo, vocab_size: int) -> dict[str, np.ndar
         raise LexVLAError(
             f"{path} is missing (listed in the manifest); re-encode shard {info.name}"
         ) from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+    except (*_io.NPY_ERRORS, zipfile.BadZipFile) as err:
         raise LexVLAError(
             f"{path} cannot be read ({err}); it is corrupt or holds pickled objects (refused)"
         ) from None
@@ -298,7 +300,7 @@ def _read_jsonl(path: Path, rows: int) -> list[dict[str, Any]]:
             raise json.JSONDecodeError("missing final newline", text, len(text))
     except FileNotFoundError:
         raise LexVLAError(f"{path} is missing (listed in the manifest); re-encode it") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise LexVLAError(f"{path} is not valid JSON lines ({err})") from None
     if len(records) != rows:
         raise LexVLAError(f"{path} has {len(records)} records for {rows} vectors")

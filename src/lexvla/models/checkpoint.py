@@ -102,7 +102,7 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
         raise LexVLAError(
             f"{path} is not a LexVLA checkpoint: {config_file.name} is missing"
         ) from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise LexVLAError(f"cannot read {config_file}: {err}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LexVLAError(f"{config_file} is not a LexVLA checkpoint config (no format '{FORMAT}')")

@@ -12,10 +12,13 @@ import glob
 import json
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lexvla.data.sample import utf8_text
+from lexvla.data.webdataset import MAX_MEMBER_BYTES, safe_member, truncated_tar
 from lexvla.errors import LexVLAError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -126,31 +129,54 @@ def _stem(name: str) -> str:
     return name
 
 
+def folder_key(shard: CorpusShard, path: Path) -> str:
+    """The document key of an image file of a folder chunk: its path below the folder."""
+    return utf8_text(path.relative_to(shard.root).as_posix() if shard.root else path.name)
+
+
 def iter_items(shard: CorpusShard) -> Iterator[CorpusItem]:
-    """The documents of a shard in a stable order (file order, or tar order)."""
-    if shard.tar is None:
-        for path in shard.files:
-            key = path.relative_to(shard.root).as_posix() if shard.root else path.name
-            try:
-                data = path.read_bytes()
-            except OSError as err:
-                meta = {"key": key, "path": str(path.resolve()), "error": str(err)}
-                yield CorpusItem(key, meta, None)
-                continue
-            yield CorpusItem(key, {"key": key, "path": str(path.resolve())}, data)
-        return
-    yield from _iter_tar(shard)
+    """The documents of a shard in a stable order (file order, or tar order).
+
+    A document whose file name or archive path is not valid UTF-8 cannot be recorded in the
+    metadata: it is given with no image and an error (listed as a failure, not encoded).
+    """
+    for item in _iter_folder(shard) if shard.tar is None else _iter_tar(shard):
+        names = [v for v in item.metadata.values() if isinstance(v, str)]
+        if item.data is not None and any(utf8_text(v) != v for v in names):
+            meta = {
+                "key": utf8_text(item.key),
+                "path": utf8_text(str(item.metadata["path"])),
+                "error": "its file name or archive path is not valid UTF-8: rename it",
+            }
+            item = CorpusItem(meta["key"], meta, None)
+        yield item
+
+
+def _iter_folder(shard: CorpusShard) -> Iterator[CorpusItem]:
+    for path in shard.files:
+        key = folder_key(shard, path)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            meta = {"key": key, "path": utf8_text(str(path.resolve())), "error": str(err)}
+            yield CorpusItem(key, meta, None)
+            continue
+        yield CorpusItem(key, {"key": key, "path": str(path.resolve())}, data)
 
 
 def _iter_tar(shard: CorpusShard) -> Iterator[CorpusItem]:
-    """WebDataset samples: consecutive members sharing a key (`dir/name` up to the first dot)."""
+    """WebDataset samples: consecutive members sharing a key (`dir/name` up to the first dot).
+
+    A damaged archive (truncated, garbage, bad gzip) keeps the samples read before the damage and
+    ends with one failure item naming it; a tar the disk cannot read (OSError) raises LexVLAError.
+    """
     assert shard.tar is not None
     try:
         with tarfile.open(shard.tar, "r|*") as tar:
             sample_key, members = None, {}
             for member in tar:
-                if not member.isfile():
-                    continue
+                if not safe_member(member) or member.size > MAX_MEMBER_BYTES:
+                    continue  # links, devices, names like ../x or /x, oversized members: ignored
                 base = member.name.rsplit("/", 1)[-1]
                 key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
                 if key != sample_key and members:
@@ -162,12 +188,22 @@ def _iter_tar(shard: CorpusShard) -> Iterator[CorpusItem]:
                 members[ext] = (member.name, handle.read() if handle else b"")
             if members:
                 yield _tar_sample(shard, sample_key, members)
-    except (tarfile.TarError, OSError, EOFError) as err:
+        damage = truncated_tar(shard.tar)
+    except (tarfile.TarError, EOFError, zlib.error) as err:  # the content is damaged
+        damage = err
+    except OSError as err:
         raise LexVLAError(f"cannot read the tar shard {shard.tar}: {err}") from None
+    if damage is None:
+        return
+    error = (
+        f"the archive is damaged ({type(damage).__name__}: {damage}); samples before it were kept"
+    )
+    key = f"{shard.name}/(damaged archive)"
+    yield CorpusItem(key, {"key": key, "path": utf8_text(str(shard.tar)), "error": error}, None)
 
 
 def _tar_sample(shard: CorpusShard, key: str | None, members: dict) -> CorpusItem:
-    doc_key = f"{shard.name}/{key}"
+    doc_key = utf8_text(f"{shard.name}/{key}")
     metadata: dict[str, object] = {"key": doc_key, "path": str(shard.tar), "tar": str(shard.tar)}
     caption = _caption(members)
     if caption:
@@ -182,16 +218,18 @@ def _tar_sample(shard: CorpusShard, key: str | None, members: dict) -> CorpusIte
 
 
 def _caption(members: dict) -> str:
+    """The sample's caption from its `.txt`, else its `.json` `caption`; "" when there is none."""
+    text = ""
     if "txt" in members:
-        return members["txt"][1].decode("utf-8", "replace").strip()
-    if "json" in members:
+        text = members["txt"][1].decode("utf-8", "replace").strip()
+    elif "json" in members:
         try:
             value = json.loads(members["json"][1])
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nesting
             return ""
         if isinstance(value, dict) and isinstance(value.get("caption"), str):
-            return value["caption"]
-    return ""
+            text = value["caption"].strip()
+    return utf8_text(text)
 
 
 def read_document_bytes(metadata: dict[str, object]) -> bytes:

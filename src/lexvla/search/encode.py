@@ -22,7 +22,7 @@ import torch
 
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
-from lexvla.search.corpus import CorpusShard, iter_items, list_shards
+from lexvla.search.corpus import CorpusShard, folder_key, iter_items, list_shards
 
 if TYPE_CHECKING:
     from lexvla.models.lexvla import LexVLA
@@ -213,7 +213,7 @@ def _check_unchanged(out_dir: Path, shard: CorpusShard) -> None:
 
     done = {m["key"] for m in shard_files.read_shard(out_dir, shard.name, verify=False).metadata}
     done |= {f["key"] for f in _read_failures(out_dir, shard.name)}
-    now = {p.relative_to(shard.root).as_posix() if shard.root else p.name for p in shard.files}
+    now = {folder_key(shard, p) for p in shard.files}
     if done != now:
         raise LexVLAError(
             f"the image folder changed since {out_dir} was written (shard {shard.name} held other "

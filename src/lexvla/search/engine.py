@@ -26,7 +26,7 @@ from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
 from lexvla.interpret.grounding import grid_side, text_patch_scores
 from lexvla.interpret.lexicon import OTHER_WORDS, explain_score
-from lexvla.search.corpus import read_document_bytes
+from lexvla.search.corpus import read_document_bytes, utf8_text
 from lexvla.search.query import Query
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ class SearchEngine:
         """Encode a text with the model's text branch into a query (sparsified, top words kept)."""
         if not isinstance(text, str) or not text.strip():
             raise LexVLAError("the text query is empty: type a few words describing the image")
+        text = utf8_text(text)  # a JSON "\\ud800" escape is no text a tokenizer takes
         with (
             self._lock,
             torch.no_grad(),

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
 from lexvla.search import SearchEngine
+from lexvla.search.corpus import utf8_text
 from lexvla.search.encode import clean_error
 from lexvla.search.engine import EMPTY_QUERY_MESSAGE
 from lexvla.serve.limits import BodySizeLimit, Worker
@@ -106,21 +107,26 @@ def create_app(
     return app
 
 
+def error_response(message: str, status: int) -> JSONResponse:
+    """`{"error": message}`; a message quoting a request's lone surrogate ("\\ud800") stays UTF-8."""
+    return JSONResponse({"error": utf8_text(message)}, status_code=status)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse({"error": err.message}, status_code=err.status)
+        return error_response(err.message, err.status)
 
     @app.exception_handler(LexVLAError)
     async def user_error(_: Request, err: LexVLAError) -> JSONResponse:
-        return JSONResponse({"error": str(err)}, status_code=400)
+        return error_response(str(err), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException) -> JSONResponse:
         message = err.detail if isinstance(err.detail, str) else "request failed"
         if err.status_code == 404 and message == "Not Found":
             message = "no such page or API endpoint"
-        return JSONResponse({"error": message}, status_code=err.status_code)
+        return error_response(message, err.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -128,7 +134,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
             for e in err.errors()
         ]
-        return JSONResponse({"error": "invalid request: " + "; ".join(problems)}, status_code=422)
+        return error_response("invalid request: " + "; ".join(problems), 422)
 
 
 def _add_search_routes(app: FastAPI, engine: SearchEngine, worker: Worker, max_bytes: int) -> None:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lexvla.errors import LexVLAError
@@ -131,15 +132,40 @@ def load_latest(
         )
     load_trained_weights(model, folder / "model.safetensors")
     _load_optimizer(folder, model, optimizer)
-    state = json.loads((folder / STATE).read_text(encoding="utf-8"))
-    scheduler.load_state_dict(state["scheduler"])
+    state = _read_state(folder)
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise LexVLAError(
+            f"{folder / STATE}: bad scheduler state ({err!r}); cannot resume"
+        ) from None
     logger.info("resumed from %s (step %d)", folder, step)
     return int(state["step"])
 
 
+def _read_state(folder: Path) -> dict:
+    """trainer_state.json of a checkpoint (JSON only), with a clear error when it is damaged."""
+    try:
+        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: not JSON, not UTF-8
+        raise LexVLAError(f"cannot read {folder / STATE} ({err}); cannot resume from it") from None
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("param_groups"), list)
+        and type(state.get("step")) is int
+    ):
+        raise LexVLAError(f"{folder / STATE} is not a trainer state; cannot resume from it")
+    return state
+
+
 def _load_optimizer(folder: Path, model: LexVLA, optimizer: torch.optim.Optimizer) -> None:
-    tensors = load_file(str(folder / OPTIMIZER))
-    state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    try:
+        tensors = load_file(str(folder / OPTIMIZER))
+    except (SafetensorError, OSError) as err:
+        raise LexVLAError(
+            f"{folder / OPTIMIZER} is not a valid safetensors file ({err}); cannot resume from it"
+        ) from None
+    state = _read_state(folder)
     params = model.trainable_parameters()
     for name, param in params.items():
         entries = {

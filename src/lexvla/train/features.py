@@ -58,6 +58,7 @@ class ImageFeatureCache:
         self.memory: dict[str, Tensor] | None = {} if memory else None
         self.hits = 0
         self.misses = 0
+        self.shape: tuple[int, ...] | None = None  # (P, Dv) of features computed by this cache
 
     def _file(self, key: str) -> Path:
         assert self.folder is not None
@@ -70,6 +71,8 @@ class ImageFeatureCache:
             return None
         try:
             features = load_file(str(self._file(key)))["features"]
+            if not features.is_floating_point():
+                raise KeyError("features")
         except (SafetensorError, OSError, KeyError):
             logger.warning("discarding unreadable cached features %s", self._file(key))
             return None
@@ -92,16 +95,33 @@ class ImageFeatureCache:
         """Features of a batch (B, 3, S, S) -> (B, P, Dv), computing only the missing ones."""
         keys = [pixels_key(p) for p in pixels]
         found = [self._lookup(k) for k in keys]
-        missing = [i for i, f in enumerate(found) if f is None]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        if missing:
+        computed = 0
+        for _ in range(
+            2
+        ):  # a second pass recomputes cached features of a shape the first showed wrong
+            found = self._usable(found)
+            missing = [i for i, f in enumerate(found) if f is None]
+            if not missing:
+                break
             with torch.no_grad():
-                computed = compute(pixels[missing]).detach().cpu()
-            for i, features in zip(missing, computed):
-                self._store(keys[i], features)
-                found[i] = features
+                features = compute(pixels[missing]).detach().cpu()  # (M, P, Dv)
+            self.shape = tuple(features.shape[1:])
+            for i, row in zip(missing, features):
+                self._store(keys[i], row)
+                found[i] = row
+            computed += len(missing)
+        self.hits += len(keys) - computed
+        self.misses += computed
         return torch.stack(found)  # type: ignore[arg-type]
+
+    def _usable(self, found: list[Tensor | None]) -> list[Tensor | None]:
+        """Drop cached features of another shape than this cache computes (a damaged or planted
+        file): they are recomputed. Before anything was computed, a batch must agree with itself."""
+        shapes = {tuple(f.shape) for f in found if f is not None}
+        if (self.shape is None and len(shapes) <= 1) or shapes <= {self.shape}:
+            return found
+        logger.warning("discarding cached features of an unexpected shape %s", sorted(shapes))
+        return [f if f is not None and tuple(f.shape) == self.shape else None for f in found]
 
 
 class TextFeatureCache:
