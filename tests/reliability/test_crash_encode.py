@@ -1,0 +1,181 @@
+"""Crash safety of corpus encoding: `encode_corpus` SIGKILLed at random points (before or after any
+file is moved into place, mid-batch, or by a timer on the real `lexvla encode-corpus` command), then
+resumed, gives exactly the shards of an uninterrupted run: no document lost or duplicated, and no
+half-written file where a reader looks.
+
+(Training and index building have their own SIGKILL tests: tests/test_train_loop.py and
+tests/test_index_crash.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lexvla.index import build_index, iter_shards, read_shard_manifest
+from test_index_helpers import no_fsync
+from test_search import make_images
+
+# Runs encode_corpus in a child process and SIGKILLs it at the nth occurrence of an event:
+# "before-replace" / "after-replace" (every atomic file publish goes through os.replace) or "batch"
+# (a forward pass). fsync is off: a SIGKILL loses nothing the kernel already has.
+KILLER = """
+import os, signal, sys
+import lexvla.index._io as lexvla_io
+import lexvla.search.encode as encode
+from lexvla import create_model
+lexvla_io.FSYNC = False
+images, out, event, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+seen = [0]
+def hit(name):
+    if name == event:
+        seen[0] += 1
+        if seen[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+real_replace, real_flush = os.replace, encode._flush
+def replace(src, dst):
+    hit("before-replace")
+    real_replace(src, dst)
+    hit("after-replace")
+def flush(model, batch, *rest):
+    if batch:
+        hit("batch")
+    return real_flush(model, batch, *rest)
+os.replace, encode._flush = replace, flush
+encode.encode_corpus(create_model("tiny"), images, out, batch_size=3, chunk_size=5,
+                     progress=False, model_name="tiny")
+"""
+ENCODE = {"batch_size": 3, "chunk_size": 5, "progress": False, "model_name": "tiny"}
+EVENTS = {"before-replace": 15, "after-replace": 15, "batch": 5}  # occurrences in a full run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
+    """13 images (12 good + 1 broken, in 3 folder chunks) and their uninterrupted encoding."""
+    root = tmp_path_factory.mktemp("crash")
+    make_images(root / "images", 12)
+    with no_fsync():
+        from lexvla.search import encode_corpus
+
+        encode_corpus(tiny_model, root / "images", root / "reference", **ENCODE)
+    return root / "images", root / "reference"
+
+
+def _kill(images: Path, out: Path, event: str, nth: int) -> bool:
+    """Run the killer; True if it was killed (False: the run finished before the nth event)."""
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, str(images), str(out), event, str(nth)],
+        capture_output=True,
+        timeout=180,
+    )
+    assert done.returncode in (0, -signal.SIGKILL), done.stderr.decode()[-2000:]
+    return done.returncode == -signal.SIGKILL
+
+
+def assert_same_shards(out: Path, reference: Path) -> None:
+    """Same finished shards, vectors, metadata and failures; every file checks against its sha256."""
+    got, want = list(iter_shards(out)), list(iter_shards(reference))
+    assert sorted(s.name for s in got) == sorted(s.name for s in want)
+    by_name = {s.name: s for s in got}
+    for ref in want:
+        shard = by_name[ref.name]
+        for field in ("indptr", "indices", "values"):
+            np.testing.assert_array_equal(getattr(shard, field), getattr(ref, field))
+        assert shard.metadata == ref.metadata
+        failures = [
+            json.loads((d / "failed" / f"{ref.name}.json").read_text()) for d in (out, reference)
+        ]
+        assert failures[0] == failures[1]
+    keys = [m["key"] for s in got for m in s.metadata]
+    assert len(keys) == len(set(keys)) == 12  # nothing lost, nothing duplicated
+
+
+def assert_no_half_written_files(out: Path) -> None:
+    """Every file under a name a reader may open is complete: the manifest's shards check against
+    their sha256; a shard file of an unfinished shard (moved into place before the kill, not yet
+    listed, so never read) is still a whole file; other leftovers are hidden *.tmp files."""
+    listed = {s.name for s in read_shard_manifest(out).shards}
+    list(iter_shards(out))  # checksums of everything listed
+    for path in out.iterdir():
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            continue
+        if path.suffix == ".npz" and path.stem not in listed:
+            with np.load(path, allow_pickle=False) as npz:
+                assert set(npz.files) == {"indptr", "indices", "values", "vocab_size"}
+        elif path.suffix == ".jsonl" and path.stem not in listed:
+            assert all(json.loads(line) for line in path.read_text().splitlines())
+        elif path.suffix in (".npz", ".jsonl"):
+            continue
+        elif path.name == "failed":
+            for failures in path.iterdir():
+                assert failures.name.startswith(".") or isinstance(
+                    json.loads(failures.read_text()), list
+                )
+        else:
+            assert path.name in ("manifest.json", "vocab.json", "encode_report.json", ".lock"), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_encode_killed_at_random_points_resumes_to_the_same_shards(
+    corpus, tiny_model, tmp_path: Path, seed: int
+) -> None:
+    images, reference = corpus
+    out = tmp_path / "out"
+    rng = random.Random(seed)
+    kills = []
+    for _ in range(3):  # three kills in a row, each resuming what the last one left
+        event = rng.choice(sorted(EVENTS))
+        nth = rng.randint(1, EVENTS[event] // 2)  # early enough to fall inside what is left
+        kills.append((event, nth, _kill(images, out, event, nth)))
+        if (out / "manifest.json").exists():
+            assert_no_half_written_files(out)
+    assert any(killed for *_, killed in kills), kills
+    from lexvla.search import encode_corpus
+
+    with no_fsync():
+        report = encode_corpus(tiny_model, images, out, **ENCODE)
+    assert len(report["encoded"]) + len(report["skipped"]) == 3
+    assert_same_shards(out, reference)
+    assert_no_half_written_files(out)
+    assert {p.stem for p in out.glob("*.npz")} == {s.name for s in read_shard_manifest(out).shards}
+    with no_fsync():  # and the index built from it is the reference's
+        resumed, clean = build_index(out, tmp_path / "i1"), build_index(reference, tmp_path / "i2")
+    assert [resumed.document(d)["key"] for d in range(resumed.num_docs)] == [
+        clean.document(d)["key"] for d in range(clean.num_docs)
+    ]
+
+
+@pytest.mark.slow
+def test_cli_encode_killed_by_a_timer_resumes(corpus, tmp_path: Path) -> None:
+    """The real `lexvla encode-corpus`, killed at a random moment once it has started writing."""
+    images, reference = corpus
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "lexvla.cli", "encode-corpus", "--model", "tiny", "--images",
+        str(images), "--out", str(out), "--batch-size", "3", "--chunk-size", "5",
+    ]  # fmt: skip
+    rng = random.Random(7)
+    for _ in range(2):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (out / "manifest.json").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "encode-corpus did not start"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if (out / "manifest.json").exists():
+            assert_no_half_written_files(out)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_shards(out, reference)
+    assert_no_half_written_files(out)
