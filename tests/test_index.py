@@ -318,3 +318,114 @@ def test_searches_from_threads_while_refreshing(tmp_path: Path) -> None:
     for terms, weights in queries:
         ref = brute_force(dense, np.zeros(400, bool), terms, weights, 5)
         assert_same_topk(*index.search_ids(terms, weights, 5), ref, exact=True)
+
+
+def _sorted_topk(hs: np.ndarray, hi: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((hi[:n], -hs[:n]))  # the kernels' order: score desc, doc id asc
+    return hi[:n][order], hs[:n][order]
+
+
+def test_blocks_and_doc_ranges_equal_brute_force(tmp_path: Path) -> None:
+    """search_range over any doc range, in blocks of any size, is the brute-force top-k of that
+    range (list cursors start at the range's first doc; blocks split posting lists and dense runs)."""
+    from lexvla.index import _kernels
+
+    rng = np.random.default_rng(10)
+    M = random_csr(rng, 500, V, 0.08, dyadic=True, head_words=6)
+    index = _index(tmp_path, M, dense_fraction=0.3)
+    index.delete(["d7", "d250"])
+    index.commit()
+    assert index.manifest["num_dense_terms"] >= 4  # runs of 4 dense words exist
+    dense, deleted = M.toarray(), np.zeros(500, bool)
+    deleted[[7, 250]] = True
+    arrays = index._arrays(index._gen)
+    k = 8
+    hs, hi = np.empty(k, np.float32), np.empty(k, np.int64)
+    for terms, weights in _queries(rng, 12, dyadic=True):
+        terms = np.concatenate([np.arange(6), terms[terms >= 6]]).astype(np.int32)  # dense first
+        weights = rng.integers(1, 9, len(terms)).astype(np.float32) / 8
+        for d0, d1 in ((0, 500), (1, 500), (123, 377), (499, 500), (250, 251)):
+            outside = np.ones(500, bool)
+            outside[d0:d1] = False
+            ref = brute_force(dense, deleted | outside, terms, weights, k)
+            for block_docs in (1, 5, 64, 1000):
+                n = _kernels.search_range(*arrays, terms, weights, d0, d1, k, block_docs, hs, hi)
+                assert_same_topk(*_sorted_topk(hs, hi, n), ref, exact=True)
+
+
+def test_lower_bound_equals_searchsorted() -> None:
+    from lexvla.index import _kernels
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        num_docs = int(rng.integers(1, 5000))
+        size = int(rng.integers(0, min(num_docs, 300) + 1))
+        skew = rng.choice([1.0, 0.3, 3.0])  # uniform lists, and lists crowded at one end
+        docs = np.sort(rng.choice(num_docs, size, replace=False, p=None)).astype(np.int32)
+        docs = np.unique((num_docs - 1) * (docs / max(num_docs - 1, 1)) ** skew).astype(np.int32)
+        padded = np.concatenate([[-5, -5], docs, [num_docs + 9]]).astype(np.int32)  # other lists
+        for doc in rng.integers(0, num_docs + 1, 20):
+            got = _kernels._lower_bound(padded, 2, 2 + len(docs), doc, num_docs)
+            assert got - 2 == np.searchsorted(docs, doc), (docs, doc)
+
+
+@pytest.mark.parametrize("dyadic", [True, False])
+def test_threaded_search_equals_single_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dyadic: bool
+) -> None:
+    """Chunks of documents scored by helper threads: the same ids and bit-identical scores."""
+    from lexvla.index import _kernels
+
+    monkeypatch.setattr(_kernels, "CHUNK_DOCS", 37)  # 16 chunks, not aligned to anything
+    rng = np.random.default_rng(12)
+    M = random_csr(rng, 600, V, 0.08, dyadic, head_words=4)
+    index = _index(tmp_path, M)
+    index.delete(["d0", "d36", "d37", "d599"])  # around chunk edges
+    index.commit()
+    deleted = np.zeros(600, bool)
+    deleted[[0, 36, 37, 599]] = True
+    for terms, weights in _queries(rng, 15, dyadic):
+        single = index.search_ids(terms, weights, 12, threads=1)
+        ref = brute_force(M.toarray(), deleted, terms, weights, 12)
+        assert_same_topk(*single, ref, exact=dyadic)
+        for threads in (2, 3, None):
+            ids, scores = index.search_ids(terms, weights, 12, threads=threads)
+            np.testing.assert_array_equal(ids, single[0])
+            np.testing.assert_array_equal(scores, single[1])
+    hits = index.search(terms[::-1].astype(np.int64), weights[::-1], 3, threads=2)  # canonicalised
+    assert [h.doc for h in hits] == single[0][:3].tolist()
+    with pytest.raises(LexVLAError, match="threads"):
+        index.search_ids(terms, weights, 3, threads=0)
+
+
+def test_threaded_searches_from_several_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python threads searching with helper threads at once share the helpers; results unchanged."""
+    import threading
+
+    from lexvla.index import _kernels
+
+    monkeypatch.setattr(_kernels, "CHUNK_DOCS", 50)
+    rng = np.random.default_rng(13)
+    index = _index(tmp_path, random_csr(rng, 500, V, 0.1, dyadic=False, head_words=3))
+    queries = _queries(rng, 10, dyadic=False)
+    expected = [index.search_ids(t, w, 5, threads=1) for t, w in queries]
+    errors: list[BaseException] = []
+
+    def searcher() -> None:
+        try:
+            for _ in range(20):
+                for (terms, weights), (ids, scores) in zip(queries, expected):
+                    got = index.search_ids(terms, weights, 5, threads=3)
+                    np.testing.assert_array_equal(got[0], ids)
+                    np.testing.assert_array_equal(got[1], scores)
+        except BaseException as err:  # noqa: BLE001 - reported to the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=searcher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -39,7 +39,10 @@ from numba.extending import intrinsic, overload
 
 PREFETCH_AHEAD = 8  # posting lists prefetched ahead of the one being scattered
 PREFETCH_MAX = 1024  # postings prefetched per list (longer lists stream well by themselves)
-CHUNK = 64  # documents per block of the selection pass
+SELECT_RUN = 64  # documents tested at once against the k-th score in the selection pass
+BLOCK_DENSE = 16384  # documents per score block for queries with dense words (64 KB)
+BLOCK_SPARSE = 65536  # ... for queries without (256 KB: fewer list segments per query)
+CHUNK_DOCS = 16384  # documents per unit of work of a multi-threaded search (search_chunks)
 
 
 @intrinsic
@@ -206,42 +209,79 @@ def build_postings(doc_indptr, doc_terms, doc_weights, term_slot, post_indptr, n
 
 # ------------------------------------------------------------------------------------------ search
 @njit(cache=True, nogil=True)
-def _prefetch_list(post_indptr, post_docs, post_weights, t):  # noqa: ANN001, ANN202
-    s = uint64(post_indptr[t])
-    e = min(uint64(post_indptr[t + 1]), s + uint64(PREFETCH_MAX))
-    p = s
-    while p < e:
+def _prefetch_segment(post_docs, post_weights, start, end, length):  # noqa: ANN001, ANN202
+    """Prefetch `length` postings from `start` (not past `end`): one hint per 64-byte line."""
+    stop = min(end, start + min(length, uint64(PREFETCH_MAX)))
+    p = start
+    while p < stop:
         _prefetch(post_docs, p)
-        p += uint64(16)  # one 64-byte line of int32 ids
+        p += uint64(16)  # one line of int32 ids
     step = uint64(64 // post_weights.itemsize)  # one line of float32 or float16 weights
-    while s < e:
-        _prefetch(post_weights, s)
-        s += step
+    p = start
+    while p < stop:
+        _prefetch(post_weights, p)
+        p += step
 
 
 @njit(cache=True, nogil=True)
-def accumulate(post_indptr, post_docs, post_weights, term_slot, dense, q_terms, q_weights, acc):  # noqa: ANN001, ANN201
-    """acc[d] += q_w * w[t, d] for every query word t, in the given (ascending) order. acc: (N,)."""
-    nq = q_terms.shape[0]
-    N = uint64(acc.shape[0])
-    for j in range(min(PREFETCH_AHEAD, nq)):
-        _prefetch_list(post_indptr, post_docs, post_weights, q_terms[j])
-    for j in range(nq):
-        if j + PREFETCH_AHEAD < nq:
-            _prefetch_list(post_indptr, post_docs, post_weights, q_terms[j + PREFETCH_AHEAD])
-        t = uint32(q_terms[j])
-        w = q_weights[j]
-        slot = term_slot[t]
-        if slot >= 0:
-            column = dense[slot]
-            for i in range(N):
-                acc[i] += w * as_f32(column[i])
+def _lower_bound(post_docs, start, end, doc, num_docs):  # noqa: ANN001, ANN202
+    """First position in [start, end) of a doc-sorted posting list whose doc id is >= `doc`.
+
+    Starts from the interpolated position (doc ids spread over [0, num_docs)) and gallops from there,
+    so a long list costs a few neighbouring cache lines instead of a chain of binary-search misses.
+    """
+    if start == end or post_docs[start] >= doc:
+        return start
+    lo, hi = start, end  # invariant: post_docs[lo] < doc, answer in (lo, hi]
+    guess = start + (end - start) * doc // num_docs
+    if start < guess < end:
+        step = 1
+        if post_docs[guess] < doc:
+            lo = guess
+            while lo + step < end and post_docs[lo + step] < doc:
+                lo += step
+                step *= 2
+            hi = min(lo + step, end)
         else:
-            s = uint64(post_indptr[t])
-            e = uint64(post_indptr[t + uint32(1)])
-            while s < e:
-                acc[uint32(post_docs[s])] += w * as_f32(post_weights[s])
-                s += uint64(1)
+            hi = guess
+            while hi - step > start and post_docs[hi - step] >= doc:
+                hi -= step
+                step *= 2
+            lo = max(hi - step, start)
+    return lo + 1 + np.searchsorted(post_docs[lo + 1 : hi], doc)
+
+
+@njit(cache=True, nogil=True)
+def _add_dense_run(block, dense, term_slot, q_terms, q_weights, j, b0, nb):  # noqa: ANN001, ANN202
+    """block[i] += q_w * dense[w, b0 + i] for the run of up to 4 dense words starting at query word
+    j, in one pass over the block: (((acc + p1) + p2) + p3) + p4, the same float32 additions in the
+    same order as one pass per word. Returns the index of the next query word."""
+    nq = q_terms.shape[0]
+    o = uint64(b0)
+    c0, w0 = dense[term_slot[q_terms[j]]], q_weights[j]
+    run = 1
+    while run < 4 and j + run < nq and term_slot[q_terms[j + run]] >= 0:
+        run += 1
+    if run == 1:
+        for i in range(nb):
+            block[i] += w0 * as_f32(c0[o + i])
+        return j + 1
+    c1, w1 = dense[term_slot[q_terms[j + 1]]], q_weights[j + 1]
+    if run == 2:
+        for i in range(nb):
+            block[i] = (block[i] + w0 * as_f32(c0[o + i])) + w1 * as_f32(c1[o + i])
+        return j + 2
+    c2, w2 = dense[term_slot[q_terms[j + 2]]], q_weights[j + 2]
+    if run == 3:
+        for i in range(nb):
+            a = (block[i] + w0 * as_f32(c0[o + i])) + w1 * as_f32(c1[o + i])
+            block[i] = a + w2 * as_f32(c2[o + i])
+        return j + 3
+    c3, w3 = dense[term_slot[q_terms[j + 3]]], q_weights[j + 3]
+    for i in range(nb):
+        a = (block[i] + w0 * as_f32(c0[o + i])) + w1 * as_f32(c1[o + i])
+        block[i] = (a + w2 * as_f32(c2[o + i])) + w3 * as_f32(c3[o + i])
+    return j + 4
 
 
 # Heap entries are ranked by (score desc, doc id asc); the root is the worst entry. The comparisons are
@@ -283,45 +323,8 @@ def _sift_up(hs, hi, x):  # noqa: ANN001, ANN202
 
 
 @njit(cache=True, nogil=True)
-def select_topk(acc, deleted, k, out_ids, out_scores):  # noqa: ANN001, ANN201
-    """Top k (score > 0, not deleted) of `acc` into out_ids/out_scores, best first; zeroes `acc`.
-
-    Documents are visited in ascending id order, so a candidate must beat the current k-th score
-    strictly: an equal score already in the heap belongs to a lower id, which wins the tie.
-
-    Returns:
-        The number of hits n <= k; out_ids[:n], out_scores[:n] are filled.
-    """
-    N = uint64(acc.shape[0])
-    hs = out_scores
-    hi = out_ids
-    n = 0
-    thr = np.float32(0.0)
-    c0 = uint64(0)
-    while c0 < N:
-        c1 = min(N, c0 + uint64(CHUNK))
-        above = 0  # an int sum vectorises; a bool `|=` does not (measured 10x slower)
-        for i in range(c0, c1):
-            above += np.int32(acc[i] > thr)
-        if above:
-            for i in range(c0, c1):
-                s = acc[i]
-                if s > thr and not deleted[i]:
-                    if n < k:  # push
-                        hs[n] = s
-                        hi[n] = i
-                        _sift_up(hs, hi, n)
-                        n += 1
-                    else:  # replace the worst
-                        hs[0] = s
-                        hi[0] = i
-                        _sift_down(hs, hi, 0, n)
-                    if n == k:
-                        thr = hs[0]
-        for i in range(c0, c1):
-            acc[i] = 0.0
-        c0 = c1
-    # heap sort: move the worst to the end, repeatedly -> best first
+def _heap_sort(hs, hi, n):  # noqa: ANN001, ANN202
+    """Heap of n entries -> sorted best first (move the worst to the end, repeatedly)."""
     for m in range(n - 1, 0, -1):
         ts = hs[0]
         hs[0] = hs[m]
@@ -330,25 +333,122 @@ def select_topk(acc, deleted, k, out_ids, out_scores):  # noqa: ANN001, ANN201
         hi[0] = hi[m]
         hi[m] = ti
         _sift_down(hs, hi, 0, m)
+
+
+@njit(cache=True, nogil=True)
+def _select_block(block, b0, nb, deleted, k, hs, hi, n):  # noqa: ANN001, ANN202
+    """Push the documents b0 .. b0+nb-1 (scores in block[:nb], score > 0, not deleted) into the
+    top-k heap hs/hi holding n entries; zeroes block[:nb]. Returns the new n.
+
+    Documents are visited in ascending id order, so a candidate must beat the current k-th score
+    strictly: an equal score already in the heap belongs to a lower id, which wins the tie.
+    """
+    thr = hs[0] if n == k else np.float32(0.0)
+    end = uint64(nb)
+    c0 = uint64(0)
+    while c0 < end:
+        c1 = min(end, c0 + uint64(SELECT_RUN))
+        above = 0  # an int sum vectorises; a bool `|=` does not (measured 10x slower)
+        for i in range(c0, c1):
+            above += np.int32(block[i] > thr)
+        if above:
+            for i in range(c0, c1):
+                s = block[i]
+                if s > thr and not deleted[b0 + i]:
+                    if n < k:  # push
+                        hs[n] = s
+                        hi[n] = b0 + i
+                        _sift_up(hs, hi, n)
+                        n += 1
+                    else:  # replace the worst
+                        hs[0] = s
+                        hi[0] = b0 + i
+                        _sift_down(hs, hi, 0, n)
+                    if n == k:
+                        thr = hs[0]
+        for i in range(c0, c1):
+            block[i] = 0.0
+        c0 = c1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def block_size(term_slot, q_terms):  # noqa: ANN001, ANN201
+    """Documents per score block for this query: BLOCK_DENSE if it has a dense word, else
+    BLOCK_SPARSE (short posting lists gain nothing from L1 blocks and pay per list segment)."""
+    for j in range(q_terms.shape[0]):
+        if term_slot[q_terms[j]] >= 0:
+            return BLOCK_DENSE
+    return BLOCK_SPARSE
+
+
+@njit(cache=True, nogil=True)
+def search_range(
+    post_indptr, post_docs, post_weights, term_slot, dense, deleted,
+    q_terms, q_weights, d0, d1, k, block_docs, hs, hi,
+):  # noqa: ANN001, ANN201  # fmt: skip
+    """Top k of the documents [d0, d1) into the heap hs/hi (unsorted); returns the number of hits.
+
+    The range is scored in blocks of `block_docs` documents: for each block, every query word in
+    ascending order adds its contributions (dense columns a run at a time, posting lists from a
+    per-word cursor), then the block's hits enter the heap. Per document this adds the same products
+    in the same order as a whole-range pass.
+    """
+    nq = q_terms.shape[0]
+    N = deleted.shape[0]
+    cursor = np.empty(nq, np.uint64)  # next posting of each sparse word
+    end = np.empty(nq, np.uint64)
+    ahead = np.empty(nq, np.uint64)  # postings of each word expected in one block (prefetched)
+    if d0 > 0:  # the lines where the lists' searches start, all at once
+        for j in range(nq):
+            s, e = post_indptr[q_terms[j]], post_indptr[q_terms[j] + 1]
+            if e > s:
+                _prefetch(post_docs, uint64(s + (e - s) * d0 // N))
+    for j in range(nq):
+        t = q_terms[j]
+        s, e = post_indptr[t], post_indptr[t + 1]
+        if d0 > 0:
+            s = _lower_bound(post_docs, s, e, d0, N)
+        cursor[j], end[j] = s, e
+        ahead[j] = uint64((e - s) * block_docs // max(d1 - d0, 1) + 16)
+    # allocated here, not passed in: measured faster (LLVM then knows nothing aliases it)
+    block = np.zeros(block_docs, np.float32)  # (block_docs,) scores of the current block
+    n = 0
+    for b0 in range(d0, d1, block_docs):
+        b1 = min(b0 + block_docs, d1)
+        nb = uint64(b1 - b0)
+        ub0, ub1 = uint32(b0), uint32(b1)
+        for j in range(min(PREFETCH_AHEAD, nq)):
+            _prefetch_segment(post_docs, post_weights, cursor[j], end[j], ahead[j])
+        j = 0
+        while j < nq:
+            if j + PREFETCH_AHEAD < nq:
+                a = j + PREFETCH_AHEAD
+                _prefetch_segment(post_docs, post_weights, cursor[a], end[a], ahead[a])
+            t = uint32(q_terms[j])
+            if term_slot[t] >= 0:
+                j = _add_dense_run(block, dense, term_slot, q_terms, q_weights, j, b0, nb)
+                continue
+            w = q_weights[j]
+            p, e = cursor[j], end[j]
+            while p < e:  # block[d - b0] += w * weight for the postings with doc d < b1
+                d = uint32(post_docs[p])
+                if d >= ub1:
+                    break
+                block[d - ub0] += w * as_f32(post_weights[p])
+                p += uint64(1)
+            cursor[j] = p
+            j += 1
+        n = _select_block(block, b0, nb, deleted, k, hs, hi, n)
     return n
 
 
 @njit(cache=True, nogil=True)
 def search_one(
-    post_indptr,
-    post_docs,
-    post_weights,
-    term_slot,
-    dense,
-    deleted,
-    q_terms,
-    q_weights,
-    k,
-    acc,
-    out_ids,
-    out_scores,
-):  # noqa: ANN001, ANN201, E501
-    """Exact top-k of one query into out_ids/out_scores (best first).
+    post_indptr, post_docs, post_weights, term_slot, dense, deleted,
+    q_terms, q_weights, k, out_ids, out_scores,
+):  # noqa: ANN001, ANN201  # fmt: skip
+    """Exact top-k of one query into out_ids/out_scores (best first), on the calling thread.
 
     Returns:
         The number of hits, or -1 (nothing done) if the query is not canonical (word ids strictly
@@ -357,31 +457,108 @@ def search_one(
     """
     if not is_canonical_query(q_terms, q_weights, term_slot.shape[0]):
         return -1
-    accumulate(post_indptr, post_docs, post_weights, term_slot, dense, q_terms, q_weights, acc)
-    return select_topk(acc, deleted, k, out_ids, out_scores)
+    block_docs = block_size(term_slot, q_terms)
+    n = search_range(
+        post_indptr, post_docs, post_weights, term_slot, dense, deleted,
+        q_terms, q_weights, 0, deleted.shape[0], k, block_docs, out_scores, out_ids,
+    )  # fmt: skip
+    _heap_sort(out_scores, out_ids, n)
+    return n
 
 
+# ------------------------------------------------------------------------ search with helper threads
+@intrinsic
+def _fetch_add(typingctx, array, index, value):  # noqa: ANN001, ANN202 (numba intrinsic signature)
+    """Atomically `array[index] += value` (int64, sequentially consistent); returns the old value."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int64):
+        return None
+    sig = types.int64(array, index, value)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        val = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, val, "seq_cst")
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def search_chunks(
+    post_indptr, post_docs, post_weights, term_slot, dense, deleted,
+    q_terms, q_weights, k, chunk_docs, counters, chunk_ids, chunk_scores, chunk_hits,
+):  # noqa: ANN001, ANN201  # fmt: skip
+    """Score chunks of `chunk_docs` documents of one canonical query until none is left unclaimed.
+
+    Called at the same time by the searching thread and by helper threads: each claims the next
+    chunk with an atomic counter (counters[0]), writes the chunk's top k into row c of
+    chunk_ids/chunk_scores (C, k) and its hit count into chunk_hits[c], then counts it finished
+    (counters[1]). A helper that starts late finds nothing left and returns: the searching thread
+    never waits for a chunk nobody has claimed.
+
+    Returns:
+        The number of chunks this call scored.
+    """
+    num_chunks = chunk_hits.shape[0]
+    N = deleted.shape[0]
+    block_docs = block_size(term_slot, q_terms)
+    done = 0
+    while True:
+        c = _fetch_add(counters, 0, 1)
+        if c >= num_chunks:
+            return done
+        d0 = c * chunk_docs
+        d1 = min(N, d0 + chunk_docs)
+        chunk_hits[c] = search_range(
+            post_indptr, post_docs, post_weights, term_slot, dense, deleted,
+            q_terms, q_weights, d0, d1, k, block_docs, chunk_scores[c], chunk_ids[c],
+        )  # fmt: skip
+        _fetch_add(counters, 1, 1)
+        done += 1
+
+
+@njit(cache=True, nogil=True)
+def chunks_finished(counters):  # noqa: ANN001, ANN201
+    """Chunks of a search_chunks job already scored (an atomic read of counters[1])."""
+    return _fetch_add(counters, 1, 0)
+
+
+@njit(cache=True, nogil=True)
+def merge_chunks(chunk_ids, chunk_scores, chunk_hits, k, out_ids, out_scores):  # noqa: ANN001, ANN201
+    """The top k of the chunks' top-k lists into out_ids/out_scores, best first; returns the count.
+
+    Exact: each chunk's list holds its k best (ties to the lower id), so the k best of the union are
+    the k best overall; the heap keeps (score desc, doc id asc) as everywhere else.
+    """
+    n = 0
+    for c in range(chunk_hits.shape[0]):
+        for x in range(chunk_hits[c]):
+            s, d = chunk_scores[c, x], chunk_ids[c, x]
+            if n < k:
+                out_scores[n] = s
+                out_ids[n] = d
+                _sift_up(out_scores, out_ids, n)
+                n += 1
+            elif s > out_scores[0] or (s == out_scores[0] and d < out_ids[0]):
+                out_scores[0] = s
+                out_ids[0] = d
+                _sift_down(out_scores, out_ids, 0, n)
+    _heap_sort(out_scores, out_ids, n)
+    return n
+
+
+# --------------------------------------------------------------------------------------- batches
 @njit(cache=True, nogil=True, parallel=True)
 def search_many(
-    post_indptr,
-    post_docs,
-    post_weights,
-    term_slot,
-    dense,
-    deleted,
-    q_indptr,
-    q_terms,
-    q_weights,
-    k,
-    num_chunks,
-    out_ids,
-    out_scores,
-):  # noqa: ANN001, ANN201, E501
+    post_indptr, post_docs, post_weights, term_slot, dense, deleted,
+    q_indptr, q_terms, q_weights, k, num_chunks, out_ids, out_scores,
+):  # noqa: ANN001, ANN201  # fmt: skip
     """search_one for every row of a canonical query CSR, in parallel over chunks of queries.
 
     Use several chunks per thread (handed out one at a time, see `parallel`): a thread descheduled by
     other load on a shared machine then holds up one small chunk, not a fixed half of the batch. Each
-    chunk has its own (N,) score buffer. out_ids (Q, k) int64 and out_scores (Q, k) float32 must be
+    out_ids (Q, k) int64 and out_scores (Q, k) float32 must be
     pre-filled with -1 and 0 (the padding of queries with fewer than k hits).
 
     Returns:
@@ -390,12 +567,11 @@ def search_many(
     Q = q_indptr.shape[0] - 1
     counts = np.zeros(Q, np.int64)
     for c in prange(num_chunks):
-        acc = np.zeros(deleted.shape[0], np.float32)
         for q in range(c * Q // num_chunks, (c + 1) * Q // num_chunks):
             s, e = q_indptr[q], q_indptr[q + 1]
             if e > s:
                 counts[q] = search_one(
                     post_indptr, post_docs, post_weights, term_slot, dense, deleted,
-                    q_terms[s:e], q_weights[s:e], k, acc, out_ids[q], out_scores[q],
+                    q_terms[s:e], q_weights[s:e], k, out_ids[q], out_scores[q],
                 )  # fmt: skip
     return counts

@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from lexvla.errors import LexVLAError
-from lexvla.index import _commit, _io, _kernels
+from lexvla.index import _commit, _io, _kernels, _threads
 from lexvla.index._csr import canonical_csr
 from lexvla.index._generation import DocTable, Generation, open_generation, write_generation
 from lexvla.index._writer import IndexWriter
@@ -218,12 +218,14 @@ class SparseIndex(IndexWriter):
         _, terms, weights = canonical_csr(indptr, terms, weights, len(self.vocab), "query")
         return terms, weights
 
-    def _buffers(self, g: Generation, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This thread's (N,) float32 score buffer for `g` (kept zeroed by the kernel), (k,) outputs."""
-        acc = getattr(self._local, "acc", None)
-        if acc is None or len(acc) != g.num_docs:
-            acc = self._local.acc = np.zeros(g.num_docs, np.float32)
-        return acc, np.empty(k, np.int64), np.empty(k, np.float32)
+    @staticmethod
+    def _thread_count(g: Generation, threads: int | None) -> int:
+        """Threads for one search: `threads`, or all of numba's (all cores unless NUMBA_NUM_THREADS
+        says otherwise); at most one per CHUNK_DOCS documents."""
+        if threads is not None and threads < 1:
+            raise LexVLAError(f"threads must be >= 1 or None, got {threads}")
+        wanted = _kernels.get_num_threads() if threads is None else threads
+        return max(1, min(wanted, g.num_docs // _kernels.CHUNK_DOCS))
 
     @staticmethod
     def _arrays(g: Generation) -> tuple[np.ndarray, ...]:
@@ -238,7 +240,12 @@ class SparseIndex(IndexWriter):
         )
 
     def search_ids(
-        self, query_indices: ArrayLike, query_values: ArrayLike, k: int = 10
+        self,
+        query_indices: ArrayLike,
+        query_values: ArrayLike,
+        k: int = 10,
+        *,
+        threads: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k document ids and scores of one query (no metadata: the fast path).
 
@@ -246,39 +253,83 @@ class SparseIndex(IndexWriter):
             query_indices: (n,) word ids of the query's non-zeros.
             query_values: (n,) their weights (>= 0; zeros are ignored).
             k: number of results wanted (>= 1).
+            threads: threads scoring this query, each a share of the documents (same results for
+                any count). None: all cores, for indexes of at least 2 x 16,384 documents. On a
+                machine busy with other work, or when searching from several Python threads at
+                once, 1 uses the CPU best.
 
         Returns:
             (ids (m,) int64, scores (m,) float32), best first, m = min(k, documents scoring > 0);
             ties go to the lower document id.
         """
-        return self._top(self._gen, query_indices, query_values, k)
+        return self._top(self._gen, query_indices, query_values, k, threads)
 
     def _top(
-        self, g: Generation, query_indices: ArrayLike, query_values: ArrayLike, k: int
+        self,
+        g: Generation,
+        query_indices: ArrayLike,
+        query_values: ArrayLike,
+        k: int,
+        threads: int | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """search_ids on generation `g`: one snapshot for buffers and arrays, so a concurrent
-        refresh() can never pair a score buffer with a generation of another size."""
+        """search_ids on generation `g`: one snapshot of the arrays for the whole search, so a
+        concurrent refresh() can never mix two generations."""
         if k < 1:
             raise LexVLAError(f"k must be >= 1, got {k}")
+        num_threads = self._thread_count(g, threads)
         terms, weights = np.asarray(query_indices), np.asarray(query_values)
-        acc, ids, scores = self._buffers(g, min(k, max(g.num_docs, 1)))
+        kk = min(k, max(g.num_docs, 1))
+        ids, scores = np.empty(kk, np.int64), np.empty(kk, np.float32)
         arrays = self._arrays(g)
-        n = -1
-        if (
+        fast = (
             terms.ndim == 1
             and terms.size
             and terms.dtype == np.int32
             and weights.dtype == np.float32
             and terms.shape == weights.shape
-        ):
-            n = _kernels.search_one(*arrays, terms, weights, len(ids), acc, ids, scores)
+        )
+        if num_threads > 1:
+            if not (fast and _kernels.is_canonical_query(terms, weights, len(g.vocab))):
+                terms, weights = self._query(terms, weights)
+            if len(terms) == 0:
+                return self._no_words()
+            n = self._top_threaded(arrays, terms, weights, len(ids), num_threads, ids, scores)
+            return ids[:n], scores[:n]
+        n = -1
+        if fast:
+            n = _kernels.search_one(*arrays, terms, weights, len(ids), ids, scores)
         if n < 0:  # not canonical: sort, cast, validate (raises on bad input), drop zeros, retry
             terms, weights = self._query(terms, weights)
             if len(terms) == 0:
-                logger.warning("query has no active words (no positive weights): no hits")
-                return np.zeros(0, np.int64), np.zeros(0, np.float32)
-            n = _kernels.search_one(*arrays, terms, weights, len(ids), acc, ids, scores)
+                return self._no_words()
+            n = _kernels.search_one(*arrays, terms, weights, len(ids), ids, scores)
         return ids[:n], scores[:n]
+
+    @staticmethod
+    def _no_words() -> tuple[np.ndarray, np.ndarray]:
+        logger.warning("query has no active words (no positive weights): no hits")
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+
+    @staticmethod
+    def _top_threaded(
+        arrays: tuple[np.ndarray, ...],
+        terms: np.ndarray,
+        weights: np.ndarray,
+        k: int,
+        threads: int,
+        ids: np.ndarray,
+        scores: np.ndarray,
+    ) -> int:
+        """Top k of a canonical query scored by `threads` threads in chunks of documents."""
+        num_docs = len(arrays[5])
+        num_chunks = -(-num_docs // _kernels.CHUNK_DOCS)
+        counters = np.zeros(2, np.int64)  # chunks claimed, chunks finished
+        chunk_ids = np.empty((num_chunks, k), np.int64)
+        chunk_scores = np.empty((num_chunks, k), np.float32)
+        chunk_hits = np.zeros(num_chunks, np.int64)
+        args = (*arrays, terms, weights, k, _kernels.CHUNK_DOCS, counters)
+        _threads.run((*args, chunk_ids, chunk_scores, chunk_hits), counters, num_chunks, threads)
+        return _kernels.merge_chunks(chunk_ids, chunk_scores, chunk_hits, k, ids, scores)
 
     def search(
         self,
@@ -287,6 +338,7 @@ class SparseIndex(IndexWriter):
         k: int = 10,
         *,
         explain: bool = False,
+        threads: int | None = None,
     ) -> list[Hit]:
         """Exact top-k hits of one query, with metadata and (optionally) per-word explanations.
 
@@ -294,9 +346,10 @@ class SparseIndex(IndexWriter):
             query_indices, query_values: (n,) word ids and weights of the query.
             k: number of hits wanted.
             explain: fill `Hit.words` with each shared word's contribution.
+            threads: threads scoring the query (see `search_ids`).
         """
         g = self._gen
-        ids, scores = self._top(g, query_indices, query_values, k)
+        ids, scores = self._top(g, query_indices, query_values, k, threads)
         terms, weights = self._query(query_indices, query_values) if explain else (None, None)
         hits = []
         for doc, score in zip(ids.tolist(), scores.tolist()):
