@@ -11,8 +11,10 @@ the backward, which is exact and sparse: each (image, word) output depends on on
     grad_hidden[b, p]  = Σ_{v : argmax[b, v] = p} grad_out[b, v] · Z[v]
     grad_codebook[v]   = Σ_b grad_out[b, v] · hidden[b, argmax[b, v]]
 
-computed per vocabulary chunk and per image with `index_add_` / `addcmul_` (O(B·V·D) work, (chunk, D)
-temporaries) instead of the naive O(B·P·V·D) matmuls.
+computed per vocabulary chunk as two sparse-dense products (`torch.sparse.mm`, COO: every dtype and
+device): a (B·P, chunk) matrix holding `grad_out[b, v]` at (row of patch argmax[b, v], v) times the
+chunk's codebook rows, and its transpose times the (B·P, D) patch features. That is O(B·V·D) work
+instead of the naive O(B·P·V·D) matmuls, and about 2x faster on a CPU than per-image `index_add_`.
 
 Ties: `torch.max(dim)` documents that it returns the index of the *first* maximal value, and its
 backward routes the gradient to that index. Both paths use `torch.max` over the patch dimension, so
@@ -126,19 +128,32 @@ class _FusedLexicalMaxPool(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, None, None]:
         hidden, codebook, argmax = ctx.saved_tensors  # type: ignore[attr-defined]
         need_hidden, need_codebook = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (B, P, D)
-        grad_codebook = torch.zeros_like(codebook) if need_codebook else None  # (V, D)
+        B, P, D = hidden.shape
+        dtype = torch.result_type(hidden, codebook)  # grad_out may be the autocast dtype
+        device = hidden.device
+        grad_hidden = torch.zeros(B * P, D, dtype=dtype, device=device) if need_hidden else None
+        grad_codebook = torch.empty_like(codebook) if need_codebook else None  # (V, D)
+        flat_hidden = hidden.reshape(B * P, D).to(dtype)  # (B·P, D)
+        first_row = torch.arange(B, device=device)[:, None] * P  # (B, 1): row of patch 0 per image
         for start, stop in _chunks(codebook.shape[0], ctx.chunk_size):  # type: ignore[attr-defined]
-            chunk = codebook[start:stop]  # (c, D)
-            index = argmax[:, start:stop].long()  # (B, c)
-            grad = grad_out[:, start:stop]  # (B, c)
-            for b in range(hidden.shape[0]):
-                if grad_hidden is not None:
-                    contrib = grad[b, :, None].to(chunk.dtype) * chunk  # (c, D)
-                    grad_hidden[b].index_add_(0, index[b], contrib.to(hidden.dtype))
-                if grad_codebook is not None:
-                    selected = hidden[b].index_select(0, index[b])  # (c, D)
-                    grad_codebook[start:stop].addcmul_(
-                        grad[b, :, None].to(codebook.dtype), selected.to(codebook.dtype)
-                    )
+            c = stop - start
+            rows = (
+                argmax[:, start:stop].long() + first_row
+            ).flatten()  # (B·c,) selected patch rows
+            words = torch.arange(c, device=device).repeat(B)  # (B·c,) word of each entry
+            grads = grad_out[:, start:stop].to(dtype).flatten()  # (B·c,)
+            if grad_hidden is not None:  # (B·P, c) routing matrix times the chunk's codebook rows
+                routed = _coo(rows, words, grads, (B * P, c))
+                grad_hidden += torch.sparse.mm(routed, codebook[start:stop].to(dtype))
+            if grad_codebook is not None:  # (c, B·P) selection matrix times the patch features
+                selected = _coo(words, rows, grads, (c, B * P))
+                grad_codebook[start:stop] = torch.sparse.mm(selected, flat_hidden)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.view(B, P, D).to(hidden.dtype)
         return grad_hidden, grad_codebook, None, None
+
+
+def _coo(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A sparse COO matrix with one entry per (row, col) pair (the pairs are distinct)."""
+    indices = torch.stack([rows, cols])  # (2, nnz)
+    return torch.sparse_coo_tensor(indices, values, shape, check_invariants=False)
