@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint format assets browser bench clean
+.PHONY: venv demo test test-fast lint format assets browser bench experiments clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# The paper-claim experiments (about an hour on 2 CPU cores): JSON + figures, then docs/results.md.
+experiments: $(STAMP) assets
+	nice -n 5 $(BIN)/python experiments/run.py
+	$(BIN)/python scripts/make_results_doc.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,360 @@
+"""Write docs/results.md from the experiment JSON (experiments/results/*.json) and experiments/notes.md.
+
+    python scripts/make_results_doc.py            # write docs/results.md
+    python scripts/make_results_doc.py --check    # exit 1 if docs/results.md is out of date
+
+Every number in the document comes from the JSON, so the two agree by construction; the prose
+(what held and why) is hand-written in experiments/notes.md, one block per `<!-- name -->` marker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+NOTES = ROOT / "experiments" / "notes.md"
+DOC = ROOT / "docs" / "results.md"
+FIG = "../experiments/results/"  # figures, relative to docs/
+
+Json = dict[str, Any]
+
+
+def fmt(s: Json | None, scale: float = 1.0, digits: int = 1) -> str:
+    """`mean ± std` of a stat block (± only with more than one value)."""
+    if not s or s.get("mean") is None:
+        return "–"
+    mean = f"{scale * s['mean']:.{digits}f}"
+    return f"{mean} ± {scale * s['std']:.{digits}f}" if s["n"] > 1 else mean
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def read_notes(path: Path) -> dict[str, str]:
+    """Blocks of notes.md keyed by their `<!-- name -->` marker."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    parts = re.split(r"^<!-- (\S+) -->\s*$", text, flags=re.M)
+    return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
+
+
+def setup_section(runs_dir: Path, timings: Json) -> str:
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))}
+    syn = next((r for n, r in records.items() if n.startswith("syn-")), None)
+    coco = next((r for n, r in records.items() if n.startswith("coco-")), None)
+    lines = []
+    for label, rec in (("Synthetic", syn), ("coco-mini", coco)):
+        if rec is None:
+            continue
+        c = rec["config"]
+        curve = rec["eval"]["curve"]
+        lines.append(
+            f"- **{label}** (`{rec['name']}` and its siblings): {c['model']['vision']['backbone']} + "
+            f"{c['model']['text']['backbone']} (frozen, no LoRA), images {c['model']['vision']['image_size']} px, "
+            f"data `{c['data']['path'].split('/')[-1]}` with {c['data']['holdout']} held-out images, "
+            f"{c['train']['steps']} steps of batch {c['train']['batch_size']}, lr {c['train']['lr']:g} / "
+            f"codebook {c['train']['codebook_lr']:g}; evaluated on {curve['num_images']} held-out images "
+            f"and {curve['num_texts']} captions (V = {curve['vocab_size']} words)."
+        )
+    lines.append(
+        f"- Total wall time of all runs: {timings['total_s'] / 60:.1f} min on the shared 2-core machine "
+        "(per-run times at the end)."
+    )
+    return "\n".join(lines)
+
+
+def exp1_section(d: Json) -> str:
+    arms = d["arms"]
+    names = list(arms)
+    rows = [["penalty weight λ"] + [f"{arms[a]['penalty_weight']:g}" for a in names]]
+    thr = {a: arms[a]["retrieval"]["threshold"] for a in names}
+    rows.append(
+        ["image words at threshold 1/√V"]
+        + [fmt(thr[a]["active_words/image"], digits=0) for a in names]
+    )
+    rows.append(
+        ["text words at threshold"] + [fmt(thr[a]["active_words/text"], digits=0) for a in names]
+    )
+    for where, label in (("threshold", "threshold"), ("128", "top-128"), ("32", "top-32")):
+        for key in ("text_to_image/R@1", "image_to_text/R@1", "text_to_image/R@5"):
+            rows.append(
+                [
+                    f"{key.replace('_to_', '→').replace('image', 'I').replace('text', 'T')} ({label}), %"
+                ]
+                + [fmt(arms[a]["retrieval"][where][key]) for a in names]
+            )
+    for where, label in (("top32", "top-32"), ("top128", "top-128"), ("threshold", "threshold")):
+        disc = {a: arms[a]["discovery"][where] for a in names}
+        rows.append(
+            [f"false-discovery share, image ({label}), %"]
+            + [fmt(disc[a]["false_discovery_share"], 100) for a in names]
+        )
+        rows.append(
+            [f"false-discovery mass, image ({label}), %"]
+            + [fmt(disc[a]["false_discovery_mass"], 100) for a in names]
+        )
+        rows.append(
+            [f"words active for > 50 % of images ({label})"]
+            + [fmt(disc[a]["overused_words"], digits=1) for a in names]
+        )
+        rows.append(
+            [f"mass on those words ({label}), %"]
+            + [fmt(disc[a]["overused_mass"], 100) for a in names]
+        )
+        rows.append(
+            [f"ground-truth words recovered ({label}), %"]
+            + [fmt(disc[a]["gt_recall"], 100) for a in names]
+        )
+    out = [table(["measure (mean ± std over seeds)"] + names, rows), ""]
+    for a in names:
+        over = ", ".join(arms[a]["seed0_overused_words"][:20]) or "none"
+        false = ", ".join(arms[a]["seed0_most_frequent_false"][:12]) or "none"
+        out.append(
+            f"- **{a}**, seed 0, top-128: words active for > 50 % of images: {over}. "
+            f"Most frequent false discoveries: {false}."
+        )
+    out.append("")
+    out.append(" ".join(f"![{a} word cloud]({FIG}{arms[a]['cloud']})" for a in names))
+    out.append("")
+    out.append(
+        "Word clouds: mean top-128 image vector over the held-out images (seed 0); word size ∝ "
+        "mean weight, so words that fire for every image dominate."
+    )
+    return "\n".join(out)
+
+
+def exp2_section(d: Json) -> str:
+    out = []
+    for arm, curve in d["curves"].items():
+        rows = []
+        for p in curve["points"]:
+            std = p.get("std", {})
+            cells = [
+                p["label"],
+                f"{p['active_words']['image']:.0f}",
+                f"{p['active_words']['text']:.0f}",
+            ]
+            for key in (
+                "text_to_image/R@1",
+                "text_to_image/R@5",
+                "image_to_text/R@1",
+                "image_to_text/R@5",
+            ):
+                n = len(curve["seeds"])
+                cells.append(fmt({"mean": p[key], "std": std.get(key, 0.0), "n": n}))
+            rows.append(cells)
+        chance = curve["chance"]
+        out.append(
+            f"**{arm}** ({len(curve['seeds'])} seed(s), {curve['num_images']} images; chance "
+            f"T→I R@1 {chance['text_to_image/R@1']:.1f} %, R@5 {chance['text_to_image/R@5']:.1f} %)"
+        )
+        out.append("")
+        out.append(
+            table(
+                [
+                    "operating point",
+                    "image words",
+                    "text words",
+                    "T→I R@1",
+                    "T→I R@5",
+                    "I→T R@1",
+                    "I→T R@5",
+                ],
+                rows,
+            )
+        )
+        out.append("")
+        out.append(f"![{arm} sparsity curve]({FIG}{curve['figure']})")
+        out.append("")
+    return "\n".join(out)
+
+
+def exp3_section(d: Json) -> str:
+    arms = d["arms"]
+    names = list(arms)
+    rows = []
+    for where in ("threshold", "dense"):
+        for key in (
+            "text_to_image/R@1",
+            "text_to_image/R@5",
+            "image_to_text/R@1",
+            "image_to_text/R@5",
+        ):
+            label = key.replace("_to_", "→").replace("image", "I").replace("text", "T")
+            rows.append(
+                [f"{label} ({where}), %"] + [fmt(arms[a]["retrieval"][where][key]) for a in names]
+            )
+    thr = {a: arms[a]["retrieval"]["threshold"] for a in names}
+    rows.append(
+        ["image words at threshold"] + [fmt(thr[a]["active_words/image"], digits=0) for a in names]
+    )
+    rows.append(
+        ["text words at threshold"] + [fmt(thr[a]["active_words/text"], digits=0) for a in names]
+    )
+    disc = {a: arms[a]["discovery"]["threshold"] for a in names}
+    rows.append(
+        ["false-discovery share, image, %"]
+        + [fmt(disc[a]["false_discovery_share"], 100) for a in names]
+    )
+    rows.append(
+        ["ground-truth words recovered, image, %"] + [fmt(disc[a]["gt_recall"], 100) for a in names]
+    )
+    rows.append(
+        ["false-discovery share, text, %"]
+        + [fmt(arms[a]["text_discovery"]["false_discovery_share"], 100) for a in names]
+    )
+    rows.append(
+        ["PatchDis mIoU (background < 0.1), %"]
+        + [fmt(arms[a]["patchdis"]["mIoU"], 100) for a in names]
+    )
+    rows.append(
+        ["PatchDis mIoU (best swept background), %"]
+        + [fmt(arms[a]["patchdis"]["best_mIoU"], 100) for a in names]
+    )
+    return table(["measure (mean ± std over seeds)"] + names, rows)
+
+
+def exp4_section(d: Json) -> str:
+    out = []
+    for name, rows_in in d["sets"].items():
+        info = rows_in.get("_info", {})
+        rows = []
+        for method, block in rows_in.items():
+            if method.startswith("_"):
+                continue
+            seeds = block["mIoU"]["n"]
+            rows.append(
+                [
+                    method,
+                    str(seeds),
+                    fmt(block["mIoU"], 100),
+                    fmt(block["mIoU/foreground"], 100),
+                    fmt(block["pixel_accuracy"], 100),
+                    fmt(block.get("best_mIoU"), 100),
+                ]
+            )
+        out.append(
+            f"**{name}** ({info.get('classes', '?')} labels incl. background; lexical rows: "
+            f"{info.get('rule', '')})"
+        )
+        out.append("")
+        out.append(
+            table(
+                [
+                    "method",
+                    "runs",
+                    "mIoU %",
+                    "fg mIoU %",
+                    "pixel acc %",
+                    "mIoU % at best background threshold",
+                ],
+                rows,
+            )
+        )
+        out.append("")
+    return "\n".join(out)
+
+
+def timing_section(t: Json) -> str:
+    rows = []
+    for name, r in t["runs"].items():
+        rows.append(
+            [
+                name,
+                str(r["steps"]),
+                f"{r['mean_step_s']:.2f}",
+                f"{r['train_s']:.0f}",
+                f"{r['eval_s']:.0f}",
+                f"{r.get('baselines_s', 0):.0f}",
+                f"{r['first_loss']:.3f} → {r['last_loss']:.3f}",
+            ]
+        )
+    return table(
+        ["run", "steps", "s/step", "train s", "eval s", "baselines s", "loss first → last"], rows
+    )
+
+
+def render(results: Path = RESULTS, notes_path: Path = NOTES) -> str:
+    """The whole docs/results.md text."""
+    load = lambda name: json.loads((results / f"{name}.json").read_text())  # noqa: E731
+    notes = read_notes(notes_path)
+    timings = load("timings")
+    parts = [
+        "# Results: the paper's claims in miniature",
+        "",
+        "<!-- generated by scripts/make_results_doc.py from experiments/results/*.json and "
+        "experiments/notes.md; do not edit by hand -->",
+        "",
+        "Re-run: `make experiments` (or `python experiments/run.py`; one run: `--only syn-bow-s1`), "
+        "then `python scripts/make_results_doc.py`. Configs: `experiments/configs/` (one per run).",
+        "",
+        "## Setup",
+        "",
+        setup_section(results / "runs", timings),
+        "",
+        notes.get("setup", ""),
+        "",
+        "## Verdict",
+        "",
+        notes.get("verdict", ""),
+        "",
+        "## 1. Overuse penalty vs FLOPs",
+        "",
+        exp1_section(load("exp1_penalty")),
+        "",
+        notes.get("exp1", ""),
+        "",
+        "## 2. Sparsity robustness",
+        "",
+        exp2_section(load("exp2_sparsity")),
+        notes.get("exp2", ""),
+        "",
+        "## 3. LLM lexical prediction vs bag-of-words text side",
+        "",
+        exp3_section(load("exp3_bow")),
+        "",
+        notes.get("exp3", ""),
+        "",
+        "## 4. Patch-level interpretability (PatchDis)",
+        "",
+        exp4_section(load("exp4_patchdis")),
+        notes.get("exp4", ""),
+        "",
+        "## Run times",
+        "",
+        timing_section(timings),
+        "",
+        notes.get("timings", ""),
+        "",
+    ]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(parts)).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="write docs/results.md from the experiment JSON")
+    parser.add_argument("--check", action="store_true", help="fail if docs/results.md is stale")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=DOC)
+    args = parser.parse_args(argv)
+    text = render(args.results)
+    if args.check:
+        current = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
+        if current != text:
+            print(f"{args.out} is out of date: run python scripts/make_results_doc.py")
+            return 1
+        return 0
+    args.out.write_text(text, encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
