@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "encode_throughput": ["--batches", "16", "--repeats", "1"],
     "lexical_pool": ["--quick"],
     "index_search": ["--quick"],
+    "serve_load": ["--quick"],
 }
 
 
@@ -118,12 +119,23 @@ def _lexical_pool(r: dict) -> list[str]:
     ]
 
 
+def _serve_load(r: dict) -> list[str]:
+    res = r["results"]
+    return [
+        f"{res['clients']} clients, {res['seconds']:.0f} s: {res['requests_per_second']:.0f} req/s, "
+        f"p50 {res['latency']['p50_ms']:.1f} ms, p99 {res['latency']['p99_ms']:.1f} ms, "
+        f"5xx {res['server_errors_5xx']}, wrong {res['wrong']}, transport errors "
+        f"{res['transport_errors']}"
+    ]
+
+
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "text_encoding": _text_encoding,
     "train_step": _train_step,
     "encode_throughput": _encode_throughput,
     "paper_memory": _paper_memory,
     "lexical_pool": _lexical_pool,
+    "serve_load": _serve_load,
 }
 
 
