@@ -159,3 +159,22 @@ class Contention:
             "other_processes_cpu_cores": max(0.0, (busy - busy0) - (own - own0)) / elapsed,
             "load_average_at_end": list(os.getloadavg()),
         }
+
+
+def profiled_memory(fn: Callable[[], object]) -> tuple[object, int, int]:
+    """Run fn under torch's CPU memory profiler: (result, peak bytes, bytes still allocated at the end)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return result, peak, running

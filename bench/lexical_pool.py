@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,13 +29,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from _common import profiled_memory, torch_machine_info  # noqa: E402
 from lexvla.layers.fused_pool import fused_lexical_max_pool  # noqa: E402
 from lexvla.layers.lexical import naive_lexical_max_pool  # noqa: E402
 
@@ -50,24 +48,10 @@ def _load() -> list[float] | None:
 
 
 def machine_info() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
+        **torch_machine_info(),
         "load_average": _load(),
-        "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
     }
 
 
@@ -110,18 +94,8 @@ def peak_memory(pool: Pool, hidden, codebook, grad) -> dict[str, float | None]:
         return {"allocator_mib": (torch.cuda.max_memory_allocated() - base) / MIB, "rss_mib": None}
     rss_ok = _reset_rss_peak()
     rss_base = _rss_bytes("VmRSS")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_once(pool, hidden, codebook, grad)
+    _, peak, _ = profiled_memory(lambda: run_once(pool, hidden, codebook, grad))
     rss_peak = _rss_bytes("VmHWM") - rss_base if rss_ok else None
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    )
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
     return {"allocator_mib": peak / MIB, "rss_mib": None if rss_peak is None else rss_peak / MIB}
 
 

@@ -40,12 +40,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from _common import machine_info, package_versions  # noqa: E402
+from _common import machine_info, package_versions, profiled_memory  # noqa: E402
 from lexvla.layers.fused_pool import fused_lexical_max_pool  # noqa: E402
 from lexvla.layers.lexical import naive_lexical_max_pool  # noqa: E402
 
@@ -197,28 +196,12 @@ def _pools(chunk: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch
     }
 
 
-def _profiled(fn: Callable[[], object]) -> tuple[object, int, int]:
-    """Run fn under the memory profiler: (result, peak bytes, bytes still allocated at the end)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    )
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return result, peak, running
-
-
 def measure_phases(pool: Callable, hidden: torch.Tensor, codebook: torch.Tensor) -> dict[str, int]:
     """Measured forward peak, kept, backward peak and step peak (bytes) of one forward + backward."""
     hidden.grad = codebook.grad = None
     grad = torch.ones(hidden.shape[0], codebook.shape[0], dtype=hidden.dtype)
-    out, fwd, kept = _profiled(lambda: pool(hidden, codebook))
-    _, bwd, _ = _profiled(lambda: out.backward(grad))  # type: ignore[union-attr]
+    out, fwd, kept = profiled_memory(lambda: pool(hidden, codebook))
+    _, bwd, _ = profiled_memory(lambda: out.backward(grad))  # type: ignore[union-attr]
     return {
         "forward_peak": fwd,
         "kept": kept,
