@@ -42,7 +42,9 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
             if not data:
                 raise LexVLAError(f"image {name} is empty (0 bytes)")
-            image = Image.open(io.BytesIO(data))
+            with warnings.catch_warnings():  # PIL's warning threshold is above our own limit
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise LexVLAError(
                     f"image {name} is {image.width}x{image.height} pixels, above the limit of "
