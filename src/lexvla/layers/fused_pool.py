@@ -132,24 +132,26 @@ class _FusedLexicalMaxPool(torch.autograd.Function):
         dtype = torch.result_type(hidden, codebook)  # grad_out may be the autocast dtype
         device = hidden.device
         grad_hidden = torch.zeros(B * P, D, dtype=dtype, device=device) if need_hidden else None
-        grad_codebook = torch.empty_like(codebook) if need_codebook else None  # (V, D)
+        V = codebook.shape[0]
+        grad_codebook = torch.empty(V, D, dtype=dtype, device=device) if need_codebook else None
         flat_hidden = hidden.reshape(B * P, D).to(dtype)  # (B·P, D)
         first_row = torch.arange(B, device=device)[:, None] * P  # (B, 1): row of patch 0 per image
-        for start, stop in _chunks(codebook.shape[0], ctx.chunk_size):  # type: ignore[attr-defined]
+        for start, stop in _chunks(V, ctx.chunk_size):  # type: ignore[attr-defined]
             c = stop - start
-            rows = (
-                argmax[:, start:stop].long() + first_row
-            ).flatten()  # (B·c,) selected patch rows
+            selected_patch = argmax[:, start:stop].long() + first_row  # (B, c) rows of B·P
+            rows = selected_patch.flatten()  # (B·c,)
             words = torch.arange(c, device=device).repeat(B)  # (B·c,) word of each entry
             grads = grad_out[:, start:stop].to(dtype).flatten()  # (B·c,)
             if grad_hidden is not None:  # (B·P, c) routing matrix times the chunk's codebook rows
                 routed = _coo(rows, words, grads, (B * P, c))
-                grad_hidden += torch.sparse.mm(routed, codebook[start:stop].to(dtype))
+                grad_hidden.addmm_(routed, codebook[start:stop].to(dtype))  # in place: no temp
             if grad_codebook is not None:  # (c, B·P) selection matrix times the patch features
                 selected = _coo(words, rows, grads, (c, B * P))
-                grad_codebook[start:stop] = torch.sparse.mm(selected, flat_hidden)
+                torch.mm(selected, flat_hidden, out=grad_codebook[start:stop])
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(B, P, D).to(hidden.dtype)
+        if grad_codebook is not None:
+            grad_codebook = grad_codebook.to(codebook.dtype)
         return grad_hidden, grad_codebook, None, None
 
 
