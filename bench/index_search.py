@@ -135,11 +135,11 @@ def _tiny_round_trip(path: Path, docs: sp.csr_matrix) -> None:
     index.add(docs.indptr, docs.indices, docs.data, [{"key": str(i)} for i in range(docs.shape[0])])
     index.commit()
     index.search(docs.indices[:60], docs.data[:60], k=5, explain=True)
-    chunk_docs, kernels.CHUNK_DOCS = kernels.CHUNK_DOCS, 10  # tiny chunks: the threaded path runs
+    min_chunk, kernels.MIN_CHUNK_DOCS = kernels.MIN_CHUNK_DOCS, 10  # the threaded path runs too
     try:
         index.search_ids(docs.indices[:60], docs.data[:60], k=5, threads=THREADS)
     finally:
-        kernels.CHUNK_DOCS = chunk_docs
+        kernels.MIN_CHUNK_DOCS = min_chunk
     for threads in (1, THREADS):
         index.search_batch(docs.indptr, docs.indices, docs.data, k=5, num_threads=threads)
 

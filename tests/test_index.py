@@ -376,7 +376,7 @@ def test_threaded_search_equals_single_thread(
     """Chunks of documents scored by helper threads: the same ids and bit-identical scores."""
     from lexvla.index import _kernels
 
-    monkeypatch.setattr(_kernels, "CHUNK_DOCS", 37)  # 16 chunks, not aligned to anything
+    monkeypatch.setattr(_kernels, "MIN_CHUNK_DOCS", 37)  # 2-3 threads, chunks of 50 or 75 docs
     rng = np.random.default_rng(12)
     M = random_csr(rng, 600, V, 0.08, dyadic, head_words=4)
     index = _index(tmp_path, M)
@@ -406,7 +406,7 @@ def test_threaded_searches_from_several_threads(
 
     from lexvla.index import _kernels
 
-    monkeypatch.setattr(_kernels, "CHUNK_DOCS", 50)
+    monkeypatch.setattr(_kernels, "MIN_CHUNK_DOCS", 50)
     rng = np.random.default_rng(13)
     index = _index(tmp_path, random_csr(rng, 500, V, 0.1, dyadic=False, head_words=3))
     queries = _queries(rng, 10, dyadic=False)
@@ -429,3 +429,27 @@ def test_threaded_searches_from_several_threads(
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_searching_thread_scores_chunks_a_stalled_helper_left(tmp_path: Path) -> None:
+    """Chunks claimed by helpers that never finish them (stalled or dead) are scored by the
+    searching thread itself: same results as a single-threaded search."""
+    from lexvla.index import _kernels
+
+    rng = np.random.default_rng(14)
+    index = _index(tmp_path, random_csr(rng, 300, V, 0.1, dyadic=False, head_words=3))
+    arrays = index._arrays(index._gen)
+    for terms, weights in _queries(rng, 8, dyadic=False):
+        terms, weights = terms.astype(np.int32), weights.astype(np.float32)
+        expected = index.search_ids(terms, weights, 6, threads=1)
+        for already_claimed in (7, 3):  # all 7 chunks claimed by helpers, or the first 3
+            claimed, done = np.array([already_claimed], np.int64), np.zeros(7, np.int64)
+            chunk_ids, chunk_scores = np.empty((7, 6), np.int64), np.empty((7, 6), np.float32)
+            chunk_hits = np.zeros(7, np.int64)
+            job = (*arrays, terms, weights, 6, 43, claimed, done, chunk_ids, chunk_scores)
+            assert _kernels.search_chunks(*job, chunk_hits, True) == 7  # scored all 7 itself
+            assert (done == 1).all()
+            ids, scores = np.empty(6, np.int64), np.empty(6, np.float32)
+            n = _kernels.merge_chunks(chunk_ids, chunk_scores, chunk_hits, 6, ids, scores)
+            np.testing.assert_array_equal(ids[:n], expected[0])
+            np.testing.assert_array_equal(scores[:n], expected[1])

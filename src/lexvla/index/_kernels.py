@@ -1,18 +1,26 @@
 """numba kernels of the sparse index: CSR checks, posting-list construction and exact top-k search.
 
-Search is term-at-a-time: for each query word (ascending word id), its posting list is scattered into a
-dense float32 score buffer of one slot per document (`acc[doc] += q_w * w_doc`), then one pass over the
-buffer selects the top k and zeroes it for the next query. Two measured details make it fast:
+Search is term-at-a-time over blocks of documents: the documents are scored a block at a time
+(`search_range`); within a block every query word, in ascending word id order, adds its contributions
+`q_w * w_doc` into a float32 score buffer of one slot per document of the block, then one pass over the
+buffer feeds a top-k heap and zeroes it for the next block. Measured details that make it fast:
 
 - Unsigned indices. numba wraps negative signed indices (`a[-1]`), which costs a compare per array
   access; indexing with `uint32` / `uint64` values removes it (about 1.5x on long posting lists).
 - Software prefetch. Posting lists of a uniform corpus are short (~400 entries) and scattered over a
   100 MB index, so the loop waits on DRAM at the start of every list; `llvm.prefetch` of the lists
   `PREFETCH_AHEAD` words ahead keeps the memory pipeline full (about 2x).
+- Dense columns. Words present in at least `dense_min_df` documents (Zipf-distributed corpora have a
+  few in most documents) are stored as dense columns instead of posting lists: adding a column
+  vectorises (SIMD) and is ~8x cheaper per element than scattering the same number of postings. A run
+  of up to 4 dense words that follow each other in the query is added in one pass over the block
+  (one load and store of each score instead of four: ~1.4x on the dense words of a Zipf query).
+- Fused selection. The heap is fed block by block while the block's scores are still in cache,
+  instead of a separate pass over an (N,) buffer.
 
-Words present in at least `dense_min_df` documents (Zipf-distributed corpora have a few in most
-documents) are stored as dense columns instead of posting lists: adding a dense column vectorises
-(SIMD) and is ~8x cheaper per element than scattering the same number of postings.
+Multi-threaded single-query search (`search_chunks`, driven by `_threads`) splits the documents into
+chunks; threads claim chunks from an atomic counter, each chunk's posting-list cursors start at its
+first document (`_lower_bound`), and the chunks' top-k lists are merged (`merge_chunks`).
 
 Search weights are float32, or float16 when every weight is exactly representable in float16 (always
 the case for an index built from corpus shards, which store float16): the posting lists and dense
@@ -22,7 +30,10 @@ value exactly (`as_f32`, the F16C instruction); the arithmetic is float32 either
 
 Exactness: the score of a document is the float32 sum, in ascending word order, of the float32 products
 `q_w * w_doc` (no fused multiply-add, no reordering, no pruning), whichever of the two layouts a word
-uses. Ties are broken by the lower document id. Only documents with a score > 0 are hits.
+uses, whatever the block size, chunking or thread count: a document's score is computed by one thread,
+in one block, word after word, so the result is bit-identical in every configuration. Ties are broken
+by the lower document id (within a block and chunk by visiting documents in ascending order, across
+chunks by the merge's (score desc, id asc) order). Only documents with a score > 0 are hits.
 """
 
 from __future__ import annotations
@@ -42,7 +53,8 @@ PREFETCH_MAX = 1024  # postings prefetched per list (longer lists stream well by
 SELECT_RUN = 64  # documents tested at once against the k-th score in the selection pass
 BLOCK_DENSE = 16384  # documents per score block for queries with dense words (64 KB)
 BLOCK_SPARSE = 65536  # ... for queries without (256 KB: fewer list segments per query)
-CHUNK_DOCS = 16384  # documents per unit of work of a multi-threaded search (search_chunks)
+MIN_CHUNK_DOCS = 8192  # fewest documents per unit of work of a multi-threaded search
+CHUNKS_PER_THREAD = 4  # units of work per thread: balance when a thread is slowed by other load
 
 
 @intrinsic
@@ -484,44 +496,90 @@ def _fetch_add(typingctx, array, index, value):  # noqa: ANN001, ANN202 (numba i
     return sig, codegen
 
 
+@intrinsic
+def _cycles(typingctx):  # noqa: ANN001, ANN202 (numba intrinsic signature)
+    """The CPU's time-stamp counter (`llvm.readcyclecounter`): a cheap clock for short waits."""
+    sig = types.uint64()
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        fnty = ir.FunctionType(ir.IntType(64), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter")
+        return builder.call(fn, [])
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _score_chunk(
+    post_indptr, post_docs, post_weights, term_slot, dense, deleted,
+    q_terms, q_weights, k, chunk_docs, c, done, chunk_ids, chunk_scores, chunk_hits,
+):  # noqa: ANN001, ANN202  # fmt: skip
+    """Top k of chunk c into row c of chunk_ids/chunk_scores/chunk_hits, then done[c] = 1.
+
+    The heap is built in private buffers and copied when complete: when two threads score the same
+    chunk (see search_chunks), both write the same final values, so a reader never sees a half-built
+    heap."""
+    d0 = c * chunk_docs
+    d1 = min(deleted.shape[0], d0 + chunk_docs)
+    hs, hi = np.empty(k, np.float32), np.empty(k, np.int64)
+    n = search_range(
+        post_indptr, post_docs, post_weights, term_slot, dense, deleted,
+        q_terms, q_weights, d0, d1, k, block_size(term_slot, q_terms), hs, hi,
+    )  # fmt: skip
+    chunk_scores[c, :n] = hs[:n]
+    chunk_ids[c, :n] = hi[:n]
+    chunk_hits[c] = n
+    _fetch_add(done, c, 1)  # sequentially consistent: the row is visible before the flag
+
+
 @njit(cache=True, nogil=True)
 def search_chunks(
     post_indptr, post_docs, post_weights, term_slot, dense, deleted,
-    q_terms, q_weights, k, chunk_docs, counters, chunk_ids, chunk_scores, chunk_hits,
+    q_terms, q_weights, k, chunk_docs, claimed, done, chunk_ids, chunk_scores, chunk_hits,
+    searching_thread,
 ):  # noqa: ANN001, ANN201  # fmt: skip
-    """Score chunks of `chunk_docs` documents of one canonical query until none is left unclaimed.
+    """Score the chunks of `chunk_docs` documents of one canonical query, with other threads.
 
     Called at the same time by the searching thread and by helper threads: each claims the next
-    chunk with an atomic counter (counters[0]), writes the chunk's top k into row c of
-    chunk_ids/chunk_scores (C, k) and its hit count into chunk_hits[c], then counts it finished
-    (counters[1]). A helper that starts late finds nothing left and returns: the searching thread
-    never waits for a chunk nobody has claimed.
+    chunk with an atomic counter (claimed[0]) and scores it (`_score_chunk`) until none is left. A
+    helper that starts late finds nothing left and returns. The searching thread then makes sure
+    every chunk is done: it waits for a chunk a helper is still scoring at most about as long as it
+    took itself per chunk, then scores that chunk too (same values), so a helper descheduled by other
+    load costs at most about one chunk, never a whole time slice.
 
     Returns:
         The number of chunks this call scored.
     """
     num_chunks = chunk_hits.shape[0]
-    N = deleted.shape[0]
-    block_docs = block_size(term_slot, q_terms)
-    done = 0
+    scored = 0
+    start = _cycles()
     while True:
-        c = _fetch_add(counters, 0, 1)
+        c = _fetch_add(claimed, 0, 1)
         if c >= num_chunks:
-            return done
-        d0 = c * chunk_docs
-        d1 = min(N, d0 + chunk_docs)
-        chunk_hits[c] = search_range(
+            break
+        _score_chunk(
             post_indptr, post_docs, post_weights, term_slot, dense, deleted,
-            q_terms, q_weights, d0, d1, k, block_docs, chunk_scores[c], chunk_ids[c],
+            q_terms, q_weights, k, chunk_docs, c, done, chunk_ids, chunk_scores, chunk_hits,
         )  # fmt: skip
-        _fetch_add(counters, 1, 1)
-        done += 1
-
-
-@njit(cache=True, nogil=True)
-def chunks_finished(counters):  # noqa: ANN001, ANN201
-    """Chunks of a search_chunks job already scored (an atomic read of counters[1])."""
-    return _fetch_add(counters, 1, 0)
+        scored += 1
+    if not searching_thread:
+        return scored
+    # cycles per chunk on this thread (0 if the helpers took every chunk: then the first chunk
+    # left to check is scored here at once, and timed)
+    patience = (_cycles() - start) // uint64(scored) if scored else uint64(0)
+    for c in range(num_chunks):
+        since = _cycles()
+        while _fetch_add(done, c, 0) == 0 and _cycles() - since < patience:
+            pass
+        if _fetch_add(done, c, 0) == 0:
+            _score_chunk(
+                post_indptr, post_docs, post_weights, term_slot, dense, deleted,
+                q_terms, q_weights, k, chunk_docs, c, done, chunk_ids, chunk_scores, chunk_hits,
+            )  # fmt: skip
+            if scored == 0:
+                patience = _cycles() - since
+            scored += 1
+    return scored
 
 
 @njit(cache=True, nogil=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +65,6 @@ class SparseIndex(IndexWriter):
     def __init__(self, root: Path, generation: Generation) -> None:
         self.path = root
         self._gen = generation
-        self._local = threading.local()
         self._lock_depth = 0
         self._active_cache: tuple[Any, set[str]] | None = None
 
@@ -221,11 +219,11 @@ class SparseIndex(IndexWriter):
     @staticmethod
     def _thread_count(g: Generation, threads: int | None) -> int:
         """Threads for one search: `threads`, or all of numba's (all cores unless NUMBA_NUM_THREADS
-        says otherwise); at most one per CHUNK_DOCS documents."""
+        says otherwise); at most one per MIN_CHUNK_DOCS documents."""
         if threads is not None and threads < 1:
             raise LexVLAError(f"threads must be >= 1 or None, got {threads}")
         wanted = _kernels.get_num_threads() if threads is None else threads
-        return max(1, min(wanted, g.num_docs // _kernels.CHUNK_DOCS))
+        return max(1, min(wanted, g.num_docs // _kernels.MIN_CHUNK_DOCS))
 
     @staticmethod
     def _arrays(g: Generation) -> tuple[np.ndarray, ...]:
@@ -254,7 +252,7 @@ class SparseIndex(IndexWriter):
             query_values: (n,) their weights (>= 0; zeros are ignored).
             k: number of results wanted (>= 1).
             threads: threads scoring this query, each a share of the documents (same results for
-                any count). None: all cores, for indexes of at least 2 x 16,384 documents. On a
+                any count). None: all cores, for indexes of at least 2 x 8,192 documents. On a
                 machine busy with other work, or when searching from several Python threads at
                 once, 1 uses the CPU best.
 
@@ -322,13 +320,15 @@ class SparseIndex(IndexWriter):
     ) -> int:
         """Top k of a canonical query scored by `threads` threads in chunks of documents."""
         num_docs = len(arrays[5])
-        num_chunks = -(-num_docs // _kernels.CHUNK_DOCS)
-        counters = np.zeros(2, np.int64)  # chunks claimed, chunks finished
+        most = _kernels.CHUNKS_PER_THREAD * threads
+        num_chunks = max(1, min(most, num_docs // _kernels.MIN_CHUNK_DOCS))
+        chunk_docs = -(-num_docs // num_chunks)
+        claimed, done = np.zeros(1, np.int64), np.zeros(num_chunks, np.int64)
         chunk_ids = np.empty((num_chunks, k), np.int64)
         chunk_scores = np.empty((num_chunks, k), np.float32)
         chunk_hits = np.zeros(num_chunks, np.int64)
-        args = (*arrays, terms, weights, k, _kernels.CHUNK_DOCS, counters)
-        _threads.run((*args, chunk_ids, chunk_scores, chunk_hits), counters, num_chunks, threads)
+        job = (*arrays, terms, weights, k, chunk_docs, claimed, done)
+        _threads.run((*job, chunk_ids, chunk_scores, chunk_hits), threads)
         return _kernels.merge_chunks(chunk_ids, chunk_scores, chunk_hits, k, ids, scores)
 
     def search(
