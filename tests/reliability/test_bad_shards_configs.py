@@ -250,3 +250,31 @@ def test_cli_prints_the_config_error_without_a_traceback(tmp_path: Path) -> None
     assert done.returncode == 2, done.stderr
     assert "train.steps" in done.stderr + done.stdout and "bad.json" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------- file names
+def test_undecodable_file_names_are_failures_and_resume_works(tiny_model, tmp_path: Path) -> None:
+    """A file or member name that is not UTF-8 cannot be written to the metadata: it is listed as a
+    failure (named with "?"), the rest is encoded, and a second run resumes without complaint."""
+    import os
+
+    from lexvla.index import iter_shards
+    from lexvla.search import encode_corpus
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "good.png").write_bytes(_png(1))
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:  # latin-1 name
+        f.write(_png(2))
+    tar = tmp_path / "named.tar"
+    tar.write_bytes(_tar_bytes([("caf\udce9.png", _png(3)), ("ok.png", _png(4))]))
+    for run, source in enumerate((folder, [tar])):
+        out = tmp_path / f"out-{run}"
+        report = encode_corpus(tiny_model, source, out, progress=False)
+        assert report["images"] == 1 and len(report["failed"]) == 1, report
+        assert "not valid UTF-8" in report["failed"][0]["error"]
+        assert "caf?" in report["failed"][0]["key"]
+        keys = [m["key"] for s in iter_shards(out) for m in s.metadata]
+        assert len(keys) == 1 and all(k.encode("utf-8") for k in keys)
+        again = encode_corpus(tiny_model, source, out, progress=False)
+        assert again["images"] == 0 and len(again["failed"]) == 1
