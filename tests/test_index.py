@@ -394,6 +394,7 @@ def test_threaded_search_equals_single_thread(
             np.testing.assert_array_equal(scores, single[1])
     hits = index.search(terms[::-1].astype(np.int64), weights[::-1], 3, threads=2)  # canonicalised
     assert [h.doc for h in hits] == single[0][:3].tolist()
+    assert len(index.search_ids([5, 1], [0.0, 0.0], 3, threads=2)[0]) == 0  # no active words
     with pytest.raises(LexVLAError, match="threads"):
         index.search_ids(terms, weights, 3, threads=0)
 

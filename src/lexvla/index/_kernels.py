@@ -55,6 +55,8 @@ BLOCK_DENSE = 16384  # documents per score block for queries with dense words (6
 BLOCK_SPARSE = 65536  # ... for queries without (256 KB: fewer list segments per query)
 MIN_CHUNK_DOCS = 8192  # fewest documents per unit of work of a multi-threaded search
 CHUNKS_PER_THREAD = 4  # units of work per thread: balance when a thread is slowed by other load
+THREADED_MIN_COST = 150_000  # postings (query_cost) for which a default search uses all threads
+DENSE_SPEEDUP = 8  # a dense column costs about as much as num_docs / 8 postings
 
 
 @intrinsic
@@ -160,6 +162,22 @@ def is_canonical_query(terms, weights, vocab_size):  # noqa: ANN001, ANN201
             return False
         prev = t
     return True
+
+
+@njit(cache=True, nogil=True)
+def query_cost(post_indptr, term_slot, q_terms, q_weights, num_docs):  # noqa: ANN001, ANN201
+    """Work of a search, in postings (a dense word counts num_docs / DENSE_SPEEDUP); -1 if the query
+    is not canonical (see is_canonical_query)."""
+    if not is_canonical_query(q_terms, q_weights, term_slot.shape[0]):
+        return -1
+    cost = 0
+    for j in range(q_terms.shape[0]):
+        t = q_terms[j]
+        if term_slot[t] >= 0:
+            cost += num_docs // DENSE_SPEEDUP
+        else:
+            cost += post_indptr[t + 1] - post_indptr[t]
+    return cost
 
 
 def get_num_threads() -> int:

@@ -217,13 +217,13 @@ class SparseIndex(IndexWriter):
         return terms, weights
 
     @staticmethod
-    def _thread_count(g: Generation, threads: int | None) -> int:
-        """Threads for one search: `threads`, or all of numba's (all cores unless NUMBA_NUM_THREADS
-        says otherwise); at most one per MIN_CHUNK_DOCS documents."""
-        if threads is not None and threads < 1:
-            raise LexVLAError(f"threads must be >= 1 or None, got {threads}")
-        wanted = _kernels.get_num_threads() if threads is None else threads
-        return max(1, min(wanted, g.num_docs // _kernels.MIN_CHUNK_DOCS))
+    def _thread_count(g: Generation, threads: int | None, cost: int) -> int:
+        """Threads for a search of `cost` postings (`_kernels.query_cost`): `threads`, or by default
+        all of numba's (all cores unless NUMBA_NUM_THREADS says otherwise) for queries of at least
+        THREADED_MIN_COST postings; at most one per MIN_CHUNK_DOCS documents."""
+        if threads is None:
+            threads = _kernels.get_num_threads() if cost >= _kernels.THREADED_MIN_COST else 1
+        return max(1, min(threads, g.num_docs // _kernels.MIN_CHUNK_DOCS))
 
     @staticmethod
     def _arrays(g: Generation) -> tuple[np.ndarray, ...]:
@@ -252,9 +252,11 @@ class SparseIndex(IndexWriter):
             query_values: (n,) their weights (>= 0; zeros are ignored).
             k: number of results wanted (>= 1).
             threads: threads scoring this query, each a share of the documents (same results for
-                any count). None: all cores, for indexes of at least 2 x 8,192 documents. On a
-                machine busy with other work, or when searching from several Python threads at
-                once, 1 uses the CPU best.
+                any count). None: all cores for a query costly enough to gain from it (at least
+                150,000 postings to add; a frequent word stored as a dense column counts 1/8 of
+                the documents), else 1; never more than one per 8,192 documents. On a machine busy
+                with other work, or when searching from several Python threads at once, 1 uses the
+                CPU best.
 
         Returns:
             (ids (m,) int64, scores (m,) float32), best first, m = min(k, documents scoring > 0);
@@ -274,61 +276,87 @@ class SparseIndex(IndexWriter):
         concurrent refresh() can never mix two generations."""
         if k < 1:
             raise LexVLAError(f"k must be >= 1, got {k}")
-        num_threads = self._thread_count(g, threads)
+        if threads is not None and threads < 1:
+            raise LexVLAError(f"threads must be >= 1 or None, got {threads}")
         terms, weights = np.asarray(query_indices), np.asarray(query_values)
         kk = min(k, max(g.num_docs, 1))
         ids, scores = np.empty(kk, np.int64), np.empty(kk, np.float32)
         arrays = self._arrays(g)
-        fast = (
+        if threads == 1 or g.num_docs < 2 * _kernels.MIN_CHUNK_DOCS:
+            n = self._top_one(arrays, terms, weights, ids, scores)
+        else:
+            n = self._top_threaded(g, arrays, terms, weights, threads, ids, scores)
+        return ids[:n], scores[:n]
+
+    def _canonical(self, terms: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The query sorted, cast, validated (raises on bad input), zeros dropped; warns if empty."""
+        terms, weights = self._query(terms, weights)
+        if len(terms) == 0:
+            logger.warning("query has no active words (no positive weights): no hits")
+        return terms, weights
+
+    @staticmethod
+    def _fast(terms: np.ndarray, weights: np.ndarray) -> bool:
+        """Arrays the kernels take as they are (the kernels still check they are canonical)."""
+        return bool(
             terms.ndim == 1
             and terms.size
             and terms.dtype == np.int32
             and weights.dtype == np.float32
             and terms.shape == weights.shape
         )
-        if num_threads > 1:
-            if not (fast and _kernels.is_canonical_query(terms, weights, len(g.vocab))):
-                terms, weights = self._query(terms, weights)
-            if len(terms) == 0:
-                return self._no_words()
-            n = self._top_threaded(arrays, terms, weights, len(ids), num_threads, ids, scores)
-            return ids[:n], scores[:n]
-        n = -1
-        if fast:
-            n = _kernels.search_one(*arrays, terms, weights, len(ids), ids, scores)
-        if n < 0:  # not canonical: sort, cast, validate (raises on bad input), drop zeros, retry
-            terms, weights = self._query(terms, weights)
-            if len(terms) == 0:
-                return self._no_words()
-            n = _kernels.search_one(*arrays, terms, weights, len(ids), ids, scores)
-        return ids[:n], scores[:n]
 
-    @staticmethod
-    def _no_words() -> tuple[np.ndarray, np.ndarray]:
-        logger.warning("query has no active words (no positive weights): no hits")
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-
-    @staticmethod
-    def _top_threaded(
+    def _top_one(
+        self,
         arrays: tuple[np.ndarray, ...],
         terms: np.ndarray,
         weights: np.ndarray,
-        k: int,
-        threads: int,
         ids: np.ndarray,
         scores: np.ndarray,
     ) -> int:
-        """Top k of a canonical query scored by `threads` threads in chunks of documents."""
-        num_docs = len(arrays[5])
-        most = _kernels.CHUNKS_PER_THREAD * threads
-        num_chunks = max(1, min(most, num_docs // _kernels.MIN_CHUNK_DOCS))
-        chunk_docs = -(-num_docs // num_chunks)
+        """One thread, one kernel call for a canonical query (the common case)."""
+        n = -1
+        if self._fast(terms, weights):
+            n = _kernels.search_one(*arrays, terms, weights, len(ids), ids, scores)
+        if n < 0:  # not canonical
+            terms, weights = self._canonical(terms, weights)
+            if len(terms) == 0:
+                return 0
+            n = _kernels.search_one(*arrays, terms, weights, len(ids), ids, scores)
+        return n
+
+    def _top_threaded(
+        self,
+        g: Generation,
+        arrays: tuple[np.ndarray, ...],
+        terms: np.ndarray,
+        weights: np.ndarray,
+        threads: int | None,
+        ids: np.ndarray,
+        scores: np.ndarray,
+    ) -> int:
+        """Top k of a query scored by several threads in chunks of documents (if worth it)."""
+        cost = -1
+        if self._fast(terms, weights):
+            cost = _kernels.query_cost(arrays[0], arrays[3], terms, weights, g.num_docs)
+        if cost < 0:  # not canonical
+            terms, weights = self._canonical(terms, weights)
+            if len(terms) == 0:
+                return 0
+            cost = _kernels.query_cost(arrays[0], arrays[3], terms, weights, g.num_docs)
+        num_threads = self._thread_count(g, threads, cost)
+        if num_threads == 1:
+            return _kernels.search_one(*arrays, terms, weights, len(ids), ids, scores)
+        k = len(ids)
+        most = _kernels.CHUNKS_PER_THREAD * num_threads
+        num_chunks = max(1, min(most, g.num_docs // _kernels.MIN_CHUNK_DOCS))
+        chunk_docs = -(-g.num_docs // num_chunks)
         claimed, done = np.zeros(1, np.int64), np.zeros(num_chunks, np.int64)
         chunk_ids = np.empty((num_chunks, k), np.int64)
         chunk_scores = np.empty((num_chunks, k), np.float32)
         chunk_hits = np.zeros(num_chunks, np.int64)
         job = (*arrays, terms, weights, k, chunk_docs, claimed, done)
-        _threads.run((*job, chunk_ids, chunk_scores, chunk_hits), threads)
+        _threads.run((*job, chunk_ids, chunk_scores, chunk_hits), num_threads)
         return _kernels.merge_chunks(chunk_ids, chunk_scores, chunk_hits, k, ids, scores)
 
     def search(
