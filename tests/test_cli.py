@@ -95,6 +95,14 @@ def test_corpus_index_search_eval_explain_end_to_end(tmp_path):
     images.mkdir()
     csv = _images_with_captions(images)
     corpus, index = tmp_path / "corpus", tmp_path / "index"
+    (tmp_path / "with-broken").mkdir()
+    (tmp_path / "with-broken" / "broken.png").write_bytes(b"not an image")
+    result = runner.invoke(
+        app,
+        ["encode-corpus", "--model", "tiny", "--images", str(tmp_path / "with-broken"),
+         "--out", str(tmp_path / "broken-corpus")],
+    )  # fmt: skip
+    assert result.exit_code == 0 and "1 images could not be decoded" in result.output, result.output
     result = runner.invoke(
         app, ["encode-corpus", "--model", "tiny", "--images", str(images), "--out", str(corpus)]
     )

@@ -382,9 +382,9 @@ def encode_corpus_command(
         model_name=model,
     )
     console.print(
-        report if isinstance(report, str) else {k: v for k, v in report.items() if k != "failures"}
+        report if isinstance(report, str) else {k: v for k, v in report.items() if k != "failed"}
     )
-    failures = report.get("failures", []) if isinstance(report, dict) else []
+    failures = report.get("failed", []) if isinstance(report, dict) else []
     if failures:
         console.print(
             f"[yellow]{len(failures)} images could not be decoded[/yellow] (see the encode report)"

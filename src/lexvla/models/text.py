@@ -24,6 +24,7 @@ from transformers import (
 
 from lexvla import assets
 from lexvla.config import TextConfig
+from lexvla.data.sample import utf8_text
 from lexvla.errors import LexVLAError
 from lexvla.layers.lexical import lexical_weights
 from lexvla.layers.lora import apply_lora
@@ -61,10 +62,11 @@ def build_llm(cfg: TextConfig, device: torch.device | None = None) -> PreTrained
 
 
 def clean_caption(caption: str, index: int = 0) -> str:
-    """Normalise whitespace and control characters; an empty caption is an error naming its position."""
+    """Normalise whitespace and control characters and replace what UTF-8 cannot encode (a lone
+    surrogate) by "?"; an empty caption is an error naming its position."""
     if not isinstance(caption, str):
         raise LexVLAError(f"caption {index} is a {type(caption).__name__}, expected a string")
-    text = " ".join(_CONTROL.sub(" ", caption).split())
+    text = " ".join(_CONTROL.sub(" ", utf8_text(caption)).split())
     if not text:
         raise LexVLAError(f"caption {index} is empty or whitespace only: give some text to encode")
     return text
