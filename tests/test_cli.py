@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lexvla.cli import app
+from lexvla.errors import LexVLAError
 
 runner = CliRunner()
 
@@ -145,3 +146,15 @@ def test_corpus_index_search_eval_explain_end_to_end(tmp_path):
     exported = tmp_path / "vectors.jsonl"
     result = runner.invoke(app, ["index", "export", "--index", str(index), "--out", str(exported)])
     assert result.exit_code == 0 and len(exported.read_text().splitlines()) == 6
+
+
+def test_serve_passes_limits_to_the_server(monkeypatch, tmp_path):
+    """`lexvla serve --timeout/--max-upload-mb` reach the server; a non-positive timeout is refused."""
+    calls = []
+    monkeypatch.setattr("lexvla.serve.app.run", lambda *args, **kwargs: calls.append(kwargs))
+    args = ["serve", "--index", str(tmp_path), "--max-upload-mb", "3", "--timeout", "2.5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert calls[0]["timeout"] == 2.5 and calls[0]["max_upload_mb"] == 3
+    refused = runner.invoke(app, ["serve", "--index", str(tmp_path), "--timeout", "0"])
+    assert isinstance(refused.exception, LexVLAError) and "--timeout" in str(refused.exception)

@@ -486,6 +486,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     max_upload_mb: Annotated[int, typer.Option(help="Upload size limit.")] = 8,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds a request may spend in the model or index (then 504).")
+    ] = 60.0,
 ) -> None:
     """The web app: search by text or image, see why each result matched, steer the query.
 
@@ -493,7 +496,9 @@ def serve(
     """
     from lexvla.serve.app import run
 
-    run(index, model, host=host, port=port, max_upload_mb=max_upload_mb)
+    if timeout <= 0:
+        raise LexVLAError(f"--timeout must be > 0 seconds, got {timeout}")
+    run(index, model, host=host, port=port, max_upload_mb=max_upload_mb, timeout=timeout)
 
 
 def main() -> None:
