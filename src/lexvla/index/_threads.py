@@ -8,7 +8,7 @@ loaded machine) and at most about one chunk for one that stalls. Several Python 
 once; they share the helpers.
 
 numba's own parallel loops are not used here: with them the caller waits at a barrier for every worker
-to start and finish, which on a shared machine (workers descheduled by other load) measured 10-50x
+to start and finish, which on a shared machine (workers descheduled by other load) measured 10-25x
 slower than one thread; and numba's `workqueue` threading layer aborts on concurrent calls.
 """
 
