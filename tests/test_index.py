@@ -344,7 +344,7 @@ def test_blocks_and_doc_ranges_equal_brute_force(tmp_path: Path) -> None:
     for terms, weights in _queries(rng, 12, dyadic=True):
         terms = np.concatenate([np.arange(6), terms[terms >= 6]]).astype(np.int32)  # dense first
         weights = rng.integers(1, 9, len(terms)).astype(np.float32) / 8
-        for d0, d1 in ((0, 500), (1, 500), (123, 377), (499, 500), (250, 251)):
+        for d0, d1 in ((0, 500), (1, 500), (123, 377), (499, 500), (250, 251), (500, 500)):
             outside = np.ones(500, bool)
             outside[d0:d1] = False
             ref = brute_force(dense, deleted | outside, terms, weights, k)

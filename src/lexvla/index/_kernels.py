@@ -427,6 +427,8 @@ def search_range(
     """
     nq = q_terms.shape[0]
     N = deleted.shape[0]
+    if d0 >= d1:  # an empty range (e.g. a last chunk past N)
+        return 0
     cursor = np.empty(nq, np.uint64)  # next posting of each sparse word
     end = np.empty(nq, np.uint64)
     ahead = np.empty(nq, np.uint64)  # postings of each word expected in one block (prefetched)
