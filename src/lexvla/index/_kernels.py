@@ -273,7 +273,14 @@ def _gallop(post_docs, start, end, doc, guess):  # noqa: ANN001, ANN202
             hi -= step
             step *= 2
         lo = max(hi - step, start - 1)  # post_docs[lo] < doc, or lo is before the list
-    return lo + 1 + np.searchsorted(post_docs[lo + 1 : hi], doc)  # in (lo, hi]
+    lo += 1  # binary search in [lo, hi) (np.searchsorted on a slice measured ~0.5 us a call)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if post_docs[mid] < doc:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @njit(cache=True, nogil=True)
@@ -466,12 +473,17 @@ def search_range(
                 continue
             w = q_weights[j]
             p, e = cursor[j], end[j]
-            while p < e:  # block[d - b0] += w * weight for the postings with doc d < b1
-                d = uint32(post_docs[p])
-                if d >= ub1:  # (a tight loop to a searched end measured 2-4x slower)
-                    break
-                block[d - ub0] += w * as_f32(post_weights[p])
-                p += uint64(1)
+            if b1 == N:  # the last block: all the rest of the list, no test per posting
+                while p < e:
+                    block[uint32(post_docs[p]) - ub0] += w * as_f32(post_weights[p])
+                    p += uint64(1)
+            else:  # block[d - b0] += w * weight for the postings with doc d < b1
+                while p < e:  # (searching the block's end first measured slower on Zipf queries)
+                    d = uint32(post_docs[p])
+                    if d >= ub1:
+                        break
+                    block[d - ub0] += w * as_f32(post_weights[p])
+                    p += uint64(1)
             cursor[j] = p
             j += 1
         n = _select_block(block, b0, nb, deleted, k, hs, hi, n)
