@@ -88,7 +88,9 @@ def _train_step(r: dict) -> list[str]:
     return [
         f"step: cached features {med['cached']:.2f} s vs recompute DINOv2 {med['recompute']:.2f} s "
         f"= {r['speedup']:.2f}x (target 1.8x)",
-        f"with the bf16 arg-max search of the pool: {r.get('speedup_bf16_search', float('nan')):.2f}x",
+        f"pool arg-max search {r.get('preset_pool_search', '?')}; exact fp32 search "
+        f"{r.get('speedup_exact_fp32_search', float('nan')):.2f}x, bf16 search "
+        f"{r.get('speedup_bf16_search', float('nan')):.2f}x",
         f"split: {split}",
     ]
 

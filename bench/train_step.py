@@ -18,9 +18,10 @@ alternate step by step so both see the same machine load; times are medians over
 The split reports each phase's median; the uncached text encoding of the 32 captions (zero-shot prompt,
 prefix cache on) is measured apart, as the cost a step would pay without the text cache.
 
-Both are run twice: with the exact float32 arg-max search of the fused pool (the default, `speedup`)
+Both are run twice: with the exact float32 arg-max search of the fused pool (`speedup_exact_fp32_search`)
 and with its bf16 search (`lexical.pool_search_dtype="bfloat16"`: the arg-max patch is searched with
-bf16 scores, its value recomputed in float32; native on CPUs with AVX512-BF16), `speedup_bf16_search`.
+bf16 scores, its value recomputed in float32), `speedup_bf16_search`. `speedup` (the target) is the
+preset's own setting, "auto": bf16 where bf16 matmuls are native (AVX512-BF16/AMX CPUs), else exact.
 
 Equality: from the same weights, loss and gradients with cached and recomputed features must agree.
 """
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import lexvla  # noqa: E402
 from _common import Contention, torch_machine_info, write_json  # noqa: E402
+from lexvla.layers.lexical import pool_search_dtype  # noqa: E402
 from lexvla.losses import LexVLAObjective  # noqa: E402
 from lexvla.models.lexvla import LexVLA  # noqa: E402
 from lexvla.presets import get_preset  # noqa: E402
@@ -206,10 +208,11 @@ def main() -> None:
         print(f"  pool arg-max search in {search_dtype}:")
         model.vision.lexical.pool_search_dtype = search_dtype
         runs[search_dtype] = bench(step, args.repeats)
-    results, fast = runs["float32"], runs["bfloat16"]
+    speedups = {k: _speedup(r) for k, r in runs.items()}
+    preset_search = "bfloat16" if pool_search_dtype("auto", torch.device("cpu")) else "float32"
+    results = runs[preset_search]
     cached, recompute = results["cached"]["median_s"], results["recompute"]["median_s"]
-    speedup = recompute["step"] / cached["step"]
-    speedup_fast = fast["recompute"]["median_s"]["step"] / fast["cached"]["median_s"]["step"]
+    speedup = speedups[preset_search]
     report = {
         "benchmark": "training step of the small-offline heads, cached vs recomputed DINOv2 features "
         "(bench/train_step.py)",
@@ -227,8 +230,9 @@ def main() -> None:
         },  # fmt: skip
         "method": __doc__.split("\n\n", 2)[2].strip(),
         "equality": check,
+        "preset_pool_search": f"auto -> {preset_search} on this machine",
         "results": results,
-        "results_bf16_search": fast,
+        "results_by_search": runs,
         "split_s": {
             "dinov2_forward": recompute["image_features"],
             "feature_cache_lookup": cached["image_features"],
@@ -238,12 +242,12 @@ def main() -> None:
             "text_encode_uncached_32_captions": text_s,
         },
         "speedup": speedup,
-        "speedup_bf16_search": speedup_fast,
+        "speedup_exact_fp32_search": speedups["float32"],
+        "speedup_bf16_search": speedups["bfloat16"],
         "speedup_if_text_were_encoded_every_step_derived": (recompute["step"] + text_s)
         / (cached["step"] + text_s),
         "targets": {
             f"cached_step_at_least_{TARGET}x_faster": speedup >= TARGET,
-            f"cached_step_at_least_{TARGET}x_faster_bf16_search": speedup_fast >= TARGET,
             "grads_allclose": check["grads_allclose_rtol1e-4"],
         },
     }
@@ -253,6 +257,10 @@ def main() -> None:
     busy = report["contention"]["other_processes_cpu_cores"]
     print(f"other processes used {busy:.2f} of {os.cpu_count()} cores during the run")
     print(f"wrote {args.out}")
+
+
+def _speedup(results: dict[str, dict]) -> float:
+    return results["recompute"]["median_s"]["step"] / results["cached"]["median_s"]["step"]
 
 
 def _encode_text(model: LexVLA, captions: list[str]) -> Tensor:
@@ -266,8 +274,9 @@ def print_table(runs: dict[str, dict[str, dict]], report: dict) -> None:
         for name, r in results.items():
             times = "".join(f"{r['median_s'][p]:>16.3f}" for p in (*PHASES, "step"))
             print(f"{search_dtype:<9}{name:<11}{times}")
-    print(f"speedup {report['speedup']:.2f}x, with the bf16 arg-max search "
-          f"{report['speedup_bf16_search']:.2f}x (target {TARGET}x); text encoding of the batch "
+    print(f"speedup {report['speedup']:.2f}x ({report['preset_pool_search']}; exact fp32 search "
+          f"{report['speedup_exact_fp32_search']:.2f}x, bf16 search "
+          f"{report['speedup_bf16_search']:.2f}x; target {TARGET}x); text encoding of the batch "
           f"without the cache {report['split_s']['text_encode_uncached_32_captions']:.2f} s")  # fmt: skip
 
 

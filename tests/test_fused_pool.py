@@ -166,3 +166,16 @@ def test_search_dtype_setting_selects_the_fast_search():
     assert torch.equal(pool(hidden, codebook, chunk_size=64, search_dtype="bfloat16"), fast)
     with pytest.raises(ValueError, match="pool search dtype 'float16'"):
         pool(hidden, codebook, search_dtype="float16")
+
+
+def test_auto_search_dtype_is_bf16_only_where_native(monkeypatch):
+    """ "auto" searches in bf16 exactly when bf16 matmuls are native on the device, else exactly."""
+    from lexvla.layers import lexical
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(lexical, "native_bf16_matmul", lambda device, native=native: native)
+        assert lexical.pool_search_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+        assert lexical.pool_search_dtype("float32", cpu) is None
+        assert lexical.pool_search_dtype("bfloat16", cpu) == torch.bfloat16
+    assert lexical.native_bf16_matmul(torch.device("meta")) is False

@@ -93,7 +93,7 @@ class LexicalConfig:
     pool_chunk_size: int = 4096  # vocabulary chunk of the fused max-pool
     # Arg-max patch search of the fused pool: "float32" (exact) or "bfloat16" (about 2x faster where
     # bf16 matmuls are native: CPUs with AVX512-BF16/AMX, recent GPUs; the chosen patch's value is
-    # recomputed in float32, only near-ties may pick another patch).
+    # recomputed in float32, only near-ties may pick another patch); "auto": bf16 where native.
     pool_search_dtype: str = "float32"
     # Inference sparsification: "threshold" (1/sqrt(V) unless `threshold` > 0), "topk" or "none".
     sparsify: str = "threshold"

@@ -39,7 +39,27 @@ def naive_lexical_max_pool(hidden: Tensor, codebook: Tensor) -> Tensor:
     return patch_logits.max(dim=1).values  # (B, V)
 
 
-_SEARCH_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+_SEARCH_DTYPES = ("float32", "bfloat16", "auto")
+
+
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on `device` (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, may go away
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def pool_search_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The arg-max search dtype of the fused pool: None (exact, the inputs' dtype) for "float32",
+    bf16 for "bfloat16", and for "auto" bf16 where it is native on `device`, else exact."""
+    if name not in _SEARCH_DTYPES:
+        raise ValueError(f"unknown pool search dtype {name!r}: use one of {list(_SEARCH_DTYPES)}")
+    if name == "bfloat16" or (name == "auto" and native_bf16_matmul(device)):
+        return torch.bfloat16
+    return None
 
 
 def lexical_max_pool(
@@ -55,18 +75,16 @@ def lexical_max_pool(
     `impl="fused"` computes it in vocabulary chunks and keeps only the arg-max patch per (image, word)
     for the backward pass; `impl="naive"` is the reference. Both give the same values and gradients.
     `search_dtype="bfloat16"` (fused only) searches the arg-max patch in bf16 and recomputes its value
-    exactly: faster where bf16 matmuls are native, may pick another patch on near-ties.
+    exactly: faster where bf16 matmuls are native, may pick another patch on near-ties; "auto" does
+    so only where bf16 is native (:func:`pool_search_dtype`).
     """
-    if search_dtype not in _SEARCH_DTYPES:
-        raise ValueError(f"unknown pool search dtype {search_dtype!r}: use {list(_SEARCH_DTYPES)}")
+    search = pool_search_dtype(search_dtype, hidden.device)
     if impl == "naive":
         return naive_lexical_max_pool(hidden, codebook)
     if impl == "fused":
         from lexvla.layers.fused_pool import fused_lexical_max_pool
 
-        return fused_lexical_max_pool(
-            hidden, codebook, chunk_size, search_dtype=_SEARCH_DTYPES[search_dtype]
-        )
+        return fused_lexical_max_pool(hidden, codebook, chunk_size, search_dtype=search)
     raise ValueError(f"unknown pooling impl {impl!r}: use 'fused' or 'naive'")
 
 
