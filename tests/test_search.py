@@ -443,3 +443,19 @@ def test_run_search_for_the_cli(engine, tiny_index):
             parse_word_values(bad, "--boost")
     with pytest.raises(LexVLAError, match="exactly one"):
         run_search(tiny_index[1], engine=engine)
+
+
+def test_a_retrained_model_cannot_add_to_an_older_models_corpus(fresh_tiny_model, tmp_path):
+    """The corpus records a fingerprint of the trained weights: after retraining, encoding into the
+    same folder is refused instead of silently keeping the older model's vectors as 'done'."""
+    from lexvla.search.encode import encode_corpus, trained_weights_fingerprint
+
+    make_images(tmp_path / "images", 4, broken=False)
+    out = tmp_path / "out"
+    before = trained_weights_fingerprint(fresh_tiny_model)
+    encode_corpus(fresh_tiny_model, tmp_path / "images", out, progress=False)
+    with torch.no_grad():
+        next(iter(fresh_tiny_model.trainable_parameters().values())).add_(0.01)
+    assert trained_weights_fingerprint(fresh_tiny_model) != before
+    with pytest.raises(LexVLAError, match="holds vectors of model"):
+        encode_corpus(fresh_tiny_model, tmp_path / "images", out, progress=False)

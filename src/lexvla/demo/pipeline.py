@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -239,6 +240,8 @@ def _index_and_search(run: DemoRun, model: Any, data: DemoData) -> Any:
             "  (no image folder with synthetic data: searching the held-out samples only)"
         )
         return None
+    for stale in (corpus, index):  # vectors of an earlier demo run's model
+        shutil.rmtree(stale, ignore_errors=True)
     encode_corpus(model, images, corpus, model_name=str(run.out_dir / "run"), progress=True)
     build_index(corpus, index)
     engine = SearchEngine(model, _open_index(index))

@@ -9,6 +9,7 @@ WORLD_SIZE). Images that cannot be decoded are skipped and listed in the encode 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +43,18 @@ def model_reference(model: LexVLA, name: str | None = None) -> dict[str, Any]:
         "vocab_fingerprint": model.vocab.fingerprint(),
         "sparsify": model.cfg.lexical.sparsify,
         "index_max_words": model.cfg.lexical.index_max_words,
+        "weights_sha256": trained_weights_fingerprint(model),
     }
+
+
+def trained_weights_fingerprint(model: LexVLA) -> str:
+    """A short sha256 of the trainable tensors (names and values): it changes when the model is
+    retrained, so vectors of an older model are never mixed into a corpus folder."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.trainable_parameters().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
