@@ -117,8 +117,10 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group, if any."""
+    """Leave the process group, if any, once every rank is here (destroying it while another rank
+    is still working can hang: pytorch/pytorch#75097)."""
     if dist.is_available() and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
 
 

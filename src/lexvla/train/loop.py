@@ -82,7 +82,8 @@ def fit(
         finish(trainer)
     finally:
         trainer.log.close()
-        cleanup()
+    # Only after success: destroying the group while another rank is still in a collective hangs.
+    cleanup()
     return trainer.state
 
 
