@@ -143,3 +143,37 @@ def test_objective_keys_and_total(penalty, key, fn):
 def test_objective_rejects_unknown_penalty():
     with pytest.raises(LexVLAError, match="loss.penalty"):
         LexVLAObjective(LossConfig(penalty="l1"))
+
+
+def test_objective_penalises_the_given_inputs_instead_of_the_weights():
+    """`penalty_inputs` (loss.penalty_on="activations") replace the weights in the penalty only."""
+    objective = LexVLAObjective(
+        LossConfig(penalty="overuse", penalty_weight=0.5, penalty_warmup_steps=0)
+    )
+    image, text = _weights(4, 32, seed=1), _weights(4, 32, seed=2)
+    image_act, text_act = image * 3.0, text * 0.5  # unnormalised activations of the same vectors
+    scale = torch.tensor([10.0])
+    plain = objective(image, text, scale, step=1)
+    on_act = objective(image, text, scale, step=1, penalty_inputs=(image_act, text_act))
+    assert on_act["contrastive_loss"].item() == pytest.approx(plain["contrastive_loss"].item())
+    expected = (overuse_penalty(image_act) + overuse_penalty(text_act)).item()
+    assert on_act["overuse_loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert on_act["loss"].item() == pytest.approx(
+        on_act["contrastive_loss"].item() + 0.5 * expected, rel=1e-6
+    )
+    with pytest.raises(LexVLAError, match="penalty_on"):
+        LexVLAObjective(LossConfig(penalty_on="logits"))
+
+
+def test_penalties_on_unit_vectors_cannot_reward_sparsity():
+    """Why `penalty_on="activations"` exists: on L2-normalised vectors FLOPs scores a batch of
+    identical dense vectors like a batch of identical one-hots, and overuse even prefers the dense
+    batch (1/sqrt(V)) to distinct one-hots (1/B)."""
+    B, V = 8, 1000
+    dense = F.normalize(torch.ones(B, V), dim=-1)
+    shared_one_hot = torch.zeros(B, V).index_fill_(1, torch.tensor([0]), 1.0)
+    distinct_one_hots = torch.eye(B, V)
+    assert flops_penalty(dense).item() == pytest.approx(flops_penalty(shared_one_hot).item())
+    assert overuse_penalty(dense).item() == pytest.approx(1 / math.sqrt(V), rel=1e-5)
+    assert overuse_penalty(distinct_one_hots).item() == pytest.approx(1 / B)
+    assert overuse_penalty(dense) < overuse_penalty(distinct_one_hots)

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lexvla import LexVLA, create_model
@@ -208,3 +209,18 @@ def test_top_words_can_merge_continuation_pieces(tiny_model):
     merged = tiny_model.top_words(weights, 3, merge_pieces=True)
     plain = tiny_model.top_words(weights, 3)
     assert merged == plain  # the tiny word-level vocabulary has no continuation pieces
+
+
+def test_forward_activations_normalise_to_the_weights(tiny_model):
+    """The training forward's activations are elu+1 values (> 0) whose L2 normalisation is exactly
+    the weights, and the weights equal those of encode_image / encode_text."""
+    with torch.no_grad():
+        pixels = tiny_model.preprocess([_image(), _image("L")])
+        out = tiny_model(pixel_values=pixels, texts=CAPTIONS[:2])
+        encoded_image = tiny_model.encode_image(pixels).image_weights
+        encoded_text = tiny_model.encode_text(CAPTIONS[:2]).text_weights
+    for side, encoded in (("image", encoded_image), ("text", encoded_text)):
+        activations = out[f"{side}_activations"]
+        assert bool((activations > 0).all())
+        torch.testing.assert_close(F.normalize(activations, dim=-1), out[f"{side}_weights"])
+        torch.testing.assert_close(out[f"{side}_weights"], encoded, atol=1e-5, rtol=1e-4)

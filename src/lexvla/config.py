@@ -121,6 +121,10 @@ class LossConfig:
     penalty: str = "overuse"  # "overuse" | "overuse-square" | "flops" | "none"
     penalty_weight: float = 1e-3  # lambda, per modality
     penalty_warmup_steps: int = 50  # quadratic warm-up of lambda (SPLADE style)
+    # What the penalty reads: "weights" (the L2-normalised vectors) or "activations" (elu+1 before
+    # normalisation, as SPLADE's FLOPs). On unit vectors neither penalty can reward sparsity
+    # (docs/results.md, experiment 1).
+    penalty_on: str = "weights"
 
 
 @dataclass

@@ -131,6 +131,10 @@ class LexVLAObjective:
     """
 
     def __init__(self, cfg: LossConfig, max_scale: float = 100.0) -> None:
+        if cfg.penalty_on not in ("weights", "activations"):
+            raise LexVLAError(
+                f"loss.penalty_on {cfg.penalty_on!r} is not known: use 'weights' or 'activations'"
+            )
         if cfg.penalty not in PENALTIES:
             raise LexVLAError(
                 f"loss.penalty {cfg.penalty!r} is not known: use one of {', '.join(PENALTIES)}"
@@ -150,9 +154,17 @@ class LexVLAObjective:
         return None
 
     def __call__(
-        self, image_weights: Tensor, text_weights: Tensor, logit_scale: Tensor, step: int
+        self,
+        image_weights: Tensor,
+        text_weights: Tensor,
+        logit_scale: Tensor,
+        step: int,
+        penalty_inputs: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Loss terms of one (global) batch of paired (B, V) image and text vectors at `step`.
+
+        `penalty_inputs`: the (image, text) (B, V) tensors the penalty reads, when not the weights
+        themselves (`loss.penalty_on="activations"`: the activations before normalisation).
 
         Returns:
             `contrastive_loss`, `overuse_loss` | `flops_loss` (image + text penalty, unweighted; absent
@@ -163,8 +175,9 @@ class LexVLAObjective:
         out: dict[str, Tensor] = {"contrastive_loss": nce}
         weight = self.schedule(step)
         total = nce
-        image_penalty = self.penalty(image_weights)
-        text_penalty = self.penalty(text_weights)
+        image_input, text_input = penalty_inputs or (image_weights, text_weights)
+        image_penalty = self.penalty(image_input)
+        text_penalty = self.penalty(text_input)
         if image_penalty is not None and text_penalty is not None:
             penalty = image_penalty + text_penalty
             key = "flops_loss" if self.cfg.penalty == "flops" else "overuse_loss"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -145,23 +146,26 @@ class LexVLA(nn.Module):
         image_features: Tensor | None = None,
         text_features: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Training forward: `{"image_weights", "text_weights", "logit_scale"}` for the objective.
+        """Training forward: `{"image_weights", "text_weights", "logit_scale"}` for the objective, and
+        the activations before L2 normalisation (`image_activations`, `text_activations`).
 
         Args:
             pixel_values: (B, 3, S, S) images, or `image_features` (B, P, Dv) cached backbone outputs.
             texts: B captions, or `text_features` (B, D) cached last-token states of a frozen LLM.
         """
         out: dict[str, Tensor] = {"logit_scale": self.scale()}
+        if image_features is None and pixel_values is not None:
+            image_features = self.vision.forward_features(pixel_values.to(self.device))
         if image_features is not None:
-            out["image_weights"] = self.vision(image_features.to(self.device))[0]
-        elif pixel_values is not None:
-            out["image_weights"] = self.vision(
-                self.vision.forward_features(pixel_values.to(self.device))
-            )[0]
+            activations = self.vision.activations(image_features.to(self.device))  # (B, V)
+            out["image_activations"] = activations
+            out["image_weights"] = F.normalize(activations, dim=-1)
+        if text_features is None and texts is not None:
+            text_features = self.text.forward_features(list(texts))
         if text_features is not None:
-            out["text_weights"] = self.text(text_features.to(self.device))
-        elif texts is not None:
-            out["text_weights"] = self.text(self.text.forward_features(list(texts)))
+            activations = self.text.activations(text_features.to(self.device))  # (B, V)
+            out["text_activations"] = activations
+            out["text_weights"] = F.normalize(activations, dim=-1)
         return out
 
     # ----------------------------------------------------------------------------------- sparsity

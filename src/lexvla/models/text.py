@@ -26,7 +26,7 @@ from lexvla import assets
 from lexvla.config import TextConfig
 from lexvla.data.sample import utf8_text
 from lexvla.errors import LexVLAError
-from lexvla.layers.lexical import lexical_weights
+from lexvla.layers.lexical import lexical_activation
 from lexvla.layers.lora import apply_lora
 from lexvla.models._quiet import quiet_loading
 from lexvla.vocab import LexicalVocabulary
@@ -264,11 +264,16 @@ class TextTower(nn.Module):
         rows = torch.arange(B, device=device)
         return out.last_hidden_state[rows, (batch.last_index - K).to(device)]  # (B, D)
 
+    def activations(self, features: Tensor) -> Tensor:
+        """(B, D) features -> (B, V) text activations before L2 normalisation (`elu+1` of the
+        codebook logits; "bow": the bags themselves)."""
+        if self.cfg.encoder == "bow":
+            return features.float()
+        return lexical_activation(features.float() @ self.codebook.t())
+
     def forward(self, features: Tensor) -> Tensor:
         """(B, D) features -> (B, V) L2-normalised text weights ("bow": (B, V) bags, normalised)."""
-        if self.cfg.encoder == "bow":
-            return F.normalize(features.float(), dim=-1)
-        return lexical_weights(features.float() @ self.codebook.t())
+        return F.normalize(self.activations(features), dim=-1)
 
 
 def _cache_argument(decoder: nn.Module) -> str:

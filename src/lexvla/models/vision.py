@@ -6,6 +6,7 @@ Only this module (with text.py) imports the vision backbone classes of transform
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Dinov2Config, Dinov2Model
 
@@ -13,7 +14,7 @@ from lexvla import assets
 from lexvla.config import LexicalConfig, VisionConfig
 from lexvla.errors import LexVLAError
 from lexvla.layers.adapter import Adapter
-from lexvla.layers.lexical import lexical_max_pool, lexical_weights
+from lexvla.layers.lexical import lexical_activation, lexical_max_pool, lexical_weights
 from lexvla.models._quiet import quiet_loading
 
 
@@ -94,11 +95,18 @@ class VisionTower(nn.Module):
         """Per-patch lexical logits: (B, P, D) -> (B, P, V). Memory: B·P·V floats."""
         return hidden @ self.codebook.t()
 
+    def activations(self, features: Tensor) -> Tensor:
+        """Image activations before L2 normalisation, `elu+1` of the pooled logits: (B, P, Dv) -> (B, V)."""
+        return self._activations(self.forward_adapter(features))
+
+    def _activations(self, hidden: Tensor) -> Tensor:
+        return lexical_activation(self.pooled_logits(hidden))  # (B, V)
+
     def forward(
         self, features: Tensor, return_patches: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """From cached or fresh patch features to (image_weights (B, V), patch_weights (B, P, V) | None)."""
         hidden = self.forward_adapter(features)  # (B, P, D)
-        image_weights = lexical_weights(self.pooled_logits(hidden))  # (B, V)
+        image_weights = F.normalize(self._activations(hidden), dim=-1)  # (B, V)
         patch_weights = lexical_weights(self.patch_logits(hidden)) if return_patches else None
         return image_weights, patch_weights

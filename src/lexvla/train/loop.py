@@ -224,11 +224,14 @@ def _autocast(t: Trainer) -> torch.autocast:
 def _forward_losses(t: Trainer, micro: Any, step: int) -> dict[str, Tensor]:
     """Encode a micro-batch (through the DDP wrapper), gather across processes, apply the objective."""
     out = t.ddp_model(**_model_inputs(t, micro))
-    image_weights, text_weights = out["image_weights"], out["text_weights"]
+    names = ["image_weights", "text_weights"]
+    if t.cfg.loss.penalty_on == "activations":
+        names += ["image_activations", "text_activations"]
+    tensors = [out[name] for name in names]
     if t.dist.world_size > 1:
-        image_weights = all_gather_with_grad(image_weights)  # (global B, V)
-        text_weights = all_gather_with_grad(text_weights)
-    return t.objective(image_weights.float(), text_weights.float(), out["logit_scale"], step)
+        tensors = [all_gather_with_grad(x) for x in tensors]  # (global B, V) each
+    image, text, *penalty_inputs = [x.float() for x in tensors]
+    return t.objective(image, text, out["logit_scale"], step, tuple(penalty_inputs) or None)
 
 
 def _model_inputs(t: Trainer, micro: Any) -> dict[str, Any]:
