@@ -50,15 +50,20 @@ COCO_CASES: dict[str, object] = {
 }  # fmt: skip
 
 
+def _write_case(path: Path, content: object) -> None:
+    """Write a case as given: bytes as is, text as is, anything else as JSON."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+
 @pytest.mark.parametrize("case", sorted(COCO_CASES))
 def test_malformed_caption_json_names_the_file(tmp_path: Path, case: str) -> None:
     (tmp_path / "a.png").write_bytes(_png())
     content = COCO_CASES[case]
     path = tmp_path / f"{case}.json"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    _write_case(path, content)
     with pytest.raises(LexVLAError, match=path.name.replace(".", r"\.")):
         create_dataset(path, images_dir=tmp_path)
 
@@ -210,10 +215,7 @@ CONFIG_CASES: dict[str, object] = {
 def test_bad_config_files_name_the_file(tmp_path: Path, case: str) -> None:
     content = CONFIG_CASES[case]
     path = tmp_path / f"{case}.json"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    _write_case(path, content)
     with pytest.raises(LexVLAError, match=path.name.replace(".", r"\.")):
         load_config(ExperimentConfig, path)
 

@@ -133,6 +133,7 @@ class TextTower(nn.Module):
                 targets=cfg.lora_targets,
             )
         self.llm = llm
+        self._cache_kwarg = _cache_argument(self._decoder())  # the KV-cache argument's name
         self._lexical_index = {token: i for i, token in enumerate(vocab.token_ids)}
         self._prefix_token_ids: Tensor | None = None
         self._prefix_cache: list[tuple[Tensor, Tensor]] | None = None
@@ -259,7 +260,7 @@ class TextTower(nn.Module):
             attention_mask=attention_mask.to(device),
             position_ids=position_ids,
             use_cache=True,
-            **{_cache_argument(self._decoder()): cache},
+            **{self._cache_kwarg: cache},
         )
         rows = torch.arange(B, device=device)
         return out.last_hidden_state[rows, (batch.last_index - K).to(device)]  # (B, D)

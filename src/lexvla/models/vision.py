@@ -6,7 +6,6 @@ Only this module (with text.py) imports the vision backbone classes of transform
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Dinov2Config, Dinov2Model
 
@@ -97,16 +96,13 @@ class VisionTower(nn.Module):
 
     def activations(self, features: Tensor) -> Tensor:
         """Image activations before L2 normalisation, `elu+1` of the pooled logits: (B, P, Dv) -> (B, V)."""
-        return self._activations(self.forward_adapter(features))
-
-    def _activations(self, hidden: Tensor) -> Tensor:
-        return lexical_activation(self.pooled_logits(hidden))  # (B, V)
+        return lexical_activation(self.pooled_logits(self.forward_adapter(features)))
 
     def forward(
         self, features: Tensor, return_patches: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """From cached or fresh patch features to (image_weights (B, V), patch_weights (B, P, V) | None)."""
         hidden = self.forward_adapter(features)  # (B, P, D)
-        image_weights = F.normalize(self._activations(hidden), dim=-1)  # (B, V)
+        image_weights = lexical_weights(self.pooled_logits(hidden))  # (B, V)
         patch_weights = lexical_weights(self.patch_logits(hidden)) if return_patches else None
         return image_weights, patch_weights
