@@ -142,7 +142,7 @@ def test_objective_keys_and_total(penalty, key, fn):
 
 def test_objective_rejects_unknown_penalty():
     with pytest.raises(LexVLAError, match="loss.penalty"):
-        LexVLAObjective(LossConfig(penalty="l1"))
+        LexVLAObjective(LossConfig(penalty="l2"))
 
 
 def test_objective_penalises_the_given_inputs_instead_of_the_weights():

@@ -333,6 +333,48 @@ def eval_discoveries(
     console.print(discovery_table(result))
 
 
+@eval_app.command("words")
+def eval_words(
+    data: DataOption,
+    model: ModelOption = "small-offline",
+    images: ImagesOption = None,
+    out: OutOption = None,
+    split: SplitOption = "test",
+    instances: Annotated[
+        Path | None, typer.Option(help="COCO instances JSON: also measure object recall@k.")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", min=1, help="The k of precision@k.")] = 10,
+    object_k: Annotated[int, typer.Option(min=1, help="The k of object recall@k.")] = 20,
+    limit: LimitOption = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch.")] = 32,
+) -> None:
+    """Word quality: are the top words of images and captions the words of their captions?
+
+    Caption-word precision@k of images and texts, beside a fixed answer (the set's most frequent
+    caption words); object recall@k with --instances; active words; words in the top-k of > 10 %.
+    Example: [bold]lexvla eval words --model runs/a --data flickr8k/dataset_flickr8k.json
+    --images flickr8k/images --split val --out words.json[/bold]
+    """
+    from lexvla.eval.words import run_words, words_table
+    from lexvla.models.factory import create_model
+
+    built = create_model(model).eval()
+    result = run_words(
+        built,
+        data,
+        images=images,
+        split=split,
+        instances=instances,
+        k=k,
+        object_k=object_k,
+        limit=limit,
+        batch_size=batch_size,
+        out=out,
+        model_ref=model,
+    )
+    console.print(words_table(result))
+
+
 @app.command()
 def explain(
     image: Annotated[Path, typer.Argument(help="The image to look inside.")],

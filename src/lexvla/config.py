@@ -81,14 +81,24 @@ class TextConfig:
         "o_proj",
     )  # linear layers with LoRA
     dtype: str = "float32"  # dtype of the frozen LLM weights: float32 | bfloat16 | float16
+    # A trained head on the last prompt position's state, before the frozen text codebook: "none" or
+    # "mlp" (residual `h + W2·gelu(W1·norm(h))`, W2 zero-initialised so training starts from the LLM's
+    # own prediction). With a frozen LLM (use_lora=false) it trains the text side on cached features.
+    head: str = "none"
+    head_mlp_ratio: float = 1.0  # hidden width of the "mlp" head / LLM width
 
 
 @dataclass
 class LexicalConfig:
     """The shared vocabulary, the two codebooks and sparsification."""
 
-    vocab_rule: str = "pieces"  # "pieces" (▁?[a-z]{2,}) or "word-start" (▁[a-z]{2,})
+    # "pieces" (▁?[a-z]{2,}), "word-start" (▁[a-z]{2,}) or "words" (word-start without stop words)
+    vocab_rule: str = "pieces"
     center_codebooks: bool = True  # subtract the mean codebook row (see docs/method.md)
+    # A learnt scale and offset on each modality's logits before elu+1 (layers.lexical.LogitAffine);
+    # the offset starts at `logit_offset_init` (0 with scale 1: the identity).
+    logit_affine: bool = False
+    logit_offset_init: float = 0.0
     pooling: str = "fused"  # "fused" (chunked, memory-lean) or "naive" (materialises (B, P, V))
     pool_chunk_size: int = 4096  # vocabulary chunk of the fused max-pool
     # Arg-max patch search of the fused pool: "float32" (exact) or "bfloat16" (about 2x faster where

@@ -27,7 +27,7 @@ from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
 
-PENALTIES = ("overuse", "overuse-square", "flops", "none")
+PENALTIES = ("overuse", "overuse-square", "flops", "l1", "none")
 _EPS = 1e-12
 
 
@@ -68,6 +68,15 @@ def flops_penalty(weights: Tensor) -> Tensor:
     """
     usage = weights.abs().mean(dim=0)  # (V,) a_j
     return (usage**2).sum()
+
+
+def l1_penalty(weights: Tensor) -> Tensor:
+    """Mean L1 norm of a (B, V) batch of non-negative vectors -> scalar: `sum_j mean_i w_ij`.
+
+    On L2-normalised vectors it is a scale-free measure of density: a unit vector with k equal
+    non-zero entries has L1 norm sqrt(k), a one-hot 1, a uniform vector sqrt(V).
+    """
+    return weights.abs().sum(dim=-1).mean()
 
 
 def overuse_penalty(weights: Tensor, form: str = "share") -> Tensor:
@@ -151,6 +160,8 @@ class LexVLAObjective:
             return overuse_penalty(weights, "square")
         if self.cfg.penalty == "flops":
             return flops_penalty(weights)
+        if self.cfg.penalty == "l1":
+            return l1_penalty(weights)
         return None
 
     def __call__(
@@ -180,7 +191,7 @@ class LexVLAObjective:
         text_penalty = self.penalty(text_input)
         if image_penalty is not None and text_penalty is not None:
             penalty = image_penalty + text_penalty
-            key = "flops_loss" if self.cfg.penalty == "flops" else "overuse_loss"
+            key = f"{self.cfg.penalty.split('-')[0]}_loss"
             out[key] = penalty
             total = nce + weight * penalty
         out["loss"] = total

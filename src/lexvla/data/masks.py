@@ -185,6 +185,32 @@ class MaskSample:
         return load_image(self.path)
 
 
+def read_coco_instance_names(path: str | Path) -> dict[str, set[str]]:
+    """Names of the object classes present in each image of a COCO instances file, by file name.
+
+    Crowd regions count (a crowd of people is people in the image). Images without annotations map
+    to an empty set; no image file is read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LexVLAError(f"COCO instance annotations not found: {path}")
+    data = _read_json(path)
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
+        raise LexVLAError(
+            f"{path} is not a COCO instances file (needs images, annotations, categories)"
+        )
+    try:
+        category = {c["id"]: str(c["name"]) for c in data["categories"]}
+        by_id = {im["id"]: str(im["file_name"]) for im in data["images"]}
+        names: dict[str, set[str]] = {name: set() for name in by_id.values()}
+        for ann in data["annotations"]:
+            if ann["image_id"] in by_id and ann["category_id"] in category:
+                names[by_id[ann["image_id"]]].add(category[ann["category_id"]])
+    except (KeyError, TypeError) as err:
+        raise LexVLAError(f"{path}: malformed COCO instances ({err!r} missing or wrong)") from None
+    return names
+
+
 class CocoInstanceMasks:
     """COCO instance annotations as per-image semantic masks (see the module docstring for the rules).
 

@@ -12,12 +12,32 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def lexical_activation(logits: Tensor) -> Tensor:
     """`elu(x) + 1`: strictly positive, monotone, ≈ x + 1 for x > 0 and → 0 for x → -∞."""
     return F.elu(logits) + 1.0
+
+
+class LogitAffine(nn.Module):
+    """A learnt scale and offset on one modality's lexical logits: `exp(log_scale) · x + offset`.
+
+    The scale is positive, so the map is monotone and commutes with the max over patches. With an
+    offset well below zero most words fall into the exponential part of `elu + 1` (weight ≈ e^x ≈ 0)
+    and only the words whose logits stand out stay active: this is what lets a model become sparse
+    (docs/method.md, "What makes the vectors sparse"). Identity at `scale=1, offset=0`.
+    """
+
+    def __init__(self, scale: float = 1.0, offset: float = 0.0) -> None:
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"the logit scale must be positive, got {scale}")
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(scale)))
+        self.offset = nn.Parameter(torch.full((1,), float(offset)))
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return logits * self.log_scale.exp().to(logits.dtype) + self.offset.to(logits.dtype)
 
 
 def lexical_weights(logits: Tensor) -> Tensor:

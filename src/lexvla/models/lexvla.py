@@ -52,6 +52,10 @@ def _trainable_part(name: str) -> str:
         return "lora"
     if ".adapter." in name:
         return "adapter"
+    if name.startswith("text.head."):
+        return "text_head"
+    if ".affine." in name:
+        return "logit_affine"
     return {"vision.codebook": "image_codebook", "logit_scale": "logit_scale"}.get(name, "other")
 
 
@@ -75,7 +79,7 @@ class LexVLA(nn.Module):
                 cfg.text,
                 self.tokenizer,
                 self.vocab,
-                center=cfg.lexical.center_codebooks,
+                cfg.lexical,
                 device=device,
             )
             # Both codebooks start from the same (centred) LM-head rows; only the image one is trained.
@@ -214,6 +218,7 @@ class LexVLA(nn.Module):
     def num_trainable(self) -> dict[str, int]:
         """Trainable parameter counts by part."""
         counts = {"adapter": 0, "image_codebook": 0, "lora": 0, "logit_scale": 0}
+        counts.update(text_head=0, logit_affine=0)
         for name, p in self.trainable_parameters().items():
             part = _trainable_part(name)
             counts[part] = counts.get(part, 0) + p.numel()

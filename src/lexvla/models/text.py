@@ -23,10 +23,10 @@ from transformers import (
 )
 
 from lexvla import assets
-from lexvla.config import TextConfig
+from lexvla.config import LexicalConfig, TextConfig
 from lexvla.data.sample import utf8_text
 from lexvla.errors import LexVLAError
-from lexvla.layers.lexical import lexical_activation
+from lexvla.layers.lexical import LogitAffine, lexical_activation
 from lexvla.layers.lora import apply_lora
 from lexvla.models._quiet import quiet_loading
 from lexvla.vocab import LexicalVocabulary
@@ -35,6 +35,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 CAPTION_SLOT = "{caption}"
 ENCODERS = ("llm", "bow")
+HEADS = ("none", "mlp")
 
 
 def build_llm(cfg: TextConfig, device: torch.device | None = None) -> PreTrainedModel:
@@ -95,8 +96,8 @@ class TextTower(nn.Module):
         cfg: TextConfig,
         tokenizer: PreTrainedTokenizerBase,
         vocab: LexicalVocabulary,
+        lexical: LexicalConfig | None = None,
         *,
-        center: bool = True,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
@@ -104,6 +105,9 @@ class TextTower(nn.Module):
             raise LexVLAError(
                 f"model.text.encoder {cfg.encoder!r}: use one of {', '.join(ENCODERS)}"
             )
+        lexical = lexical or LexicalConfig()
+        if cfg.head not in HEADS:
+            raise LexVLAError(f"model.text.head {cfg.head!r}: use one of {', '.join(HEADS)}")
         if cfg.encoder == "bow" and cfg.use_lora:
             raise LexVLAError("model.text.encoder='bow' runs no LLM: set model.text.use_lora=false")
         if CAPTION_SLOT not in cfg.prompt:
@@ -119,11 +123,20 @@ class TextTower(nn.Module):
             )
         head = llm.get_output_embeddings().weight.detach()  # (vocab, D)
         rows = head[torch.tensor(vocab.token_ids, device=head.device)].float()  # (V, D)
-        if center:
+        if lexical.center_codebooks:
             # Remove the shared offset: every caption's logits over the kept words share a large
             # positive mean, which makes all text vectors nearly parallel (docs/method.md).
             rows = rows - rows.mean(dim=0, keepdim=True)
         self.codebook = nn.Parameter(rows, requires_grad=False)  # (V, D), frozen
+        width = rows.shape[1]
+        with torch.device(rows.device):
+            self.head = TextHead(width, cfg.head_mlp_ratio) if cfg.head == "mlp" else None
+            llm_side = cfg.encoder == "llm"
+            self.affine = (
+                LogitAffine(offset=lexical.logit_offset_init)
+                if lexical.logit_affine and llm_side
+                else None
+            )
         if cfg.use_lora:
             llm = apply_lora(
                 llm,
@@ -270,11 +283,39 @@ class TextTower(nn.Module):
         codebook logits; "bow": the bags themselves)."""
         if self.cfg.encoder == "bow":
             return features.float()
-        return lexical_activation(features.float() @ self.codebook.t())
+        return lexical_activation(self.logits(features))
+
+    def logits(self, features: Tensor) -> Tensor:
+        """(B, D) last-position states -> (B, V) lexical logits (head, frozen codebook, affine)."""
+        hidden = features.float()
+        if self.head is not None:
+            hidden = self.head(hidden)
+        logits = hidden @ self.codebook.t()  # (B, V)
+        return self.affine(logits) if self.affine is not None else logits
 
     def forward(self, features: Tensor) -> Tensor:
         """(B, D) features -> (B, V) L2-normalised text weights ("bow": (B, V) bags, normalised)."""
         return F.normalize(self.activations(features), dim=-1)
+
+
+class TextHead(nn.Module):
+    """A residual MLP on the LLM's last-position state: `h + W2·gelu(W1·norm(h))`, (B, D) -> (B, D).
+
+    `W2` starts at zero, so an untrained head is the identity and the text side starts from the LLM's
+    own word prediction; training moves it only as far as the contrastive loss asks.
+    """
+
+    def __init__(self, width: int, mlp_ratio: float = 1.0) -> None:
+        super().__init__()
+        hidden = max(1, int(width * mlp_ratio))
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden + self.down(F.gelu(self.up(self.norm(hidden))))
 
 
 def _cache_argument(decoder: nn.Module) -> str:

@@ -13,7 +13,12 @@ from lexvla import assets
 from lexvla.config import LexicalConfig, VisionConfig
 from lexvla.errors import LexVLAError
 from lexvla.layers.adapter import Adapter
-from lexvla.layers.lexical import lexical_activation, lexical_max_pool, lexical_weights
+from lexvla.layers.lexical import (
+    LogitAffine,
+    lexical_activation,
+    lexical_max_pool,
+    lexical_weights,
+)
 from lexvla.models._quiet import quiet_loading
 
 
@@ -62,6 +67,9 @@ class VisionTower(nn.Module):
         heads = cfg.adapter_heads or self.backbone.config.num_attention_heads
         with torch.device(device or codebook_init.device):
             self.adapter = Adapter(width, codebook_init.shape[1], heads, cfg.adapter_mlp_ratio)
+            self.affine = (
+                LogitAffine(offset=lexical.logit_offset_init) if lexical.logit_affine else None
+            )
         self.codebook = nn.Parameter(codebook_init.clone())  # (V, D), trained
 
     @property
@@ -81,18 +89,21 @@ class VisionTower(nn.Module):
         return self.adapter(features.to(self.codebook.dtype))
 
     def pooled_logits(self, hidden: Tensor) -> Tensor:
-        """Max over patches of the patch logits: (B, P, D) -> (B, V)."""
-        return lexical_max_pool(
+        """Max over patches of the patch logits: (B, P, D) -> (B, V) (the affine map is monotone, so
+        it is applied after the max)."""
+        pooled = lexical_max_pool(
             hidden,
             self.codebook,
             impl=self.lexical.pooling,
             chunk_size=self.lexical.pool_chunk_size,
             search_dtype=self.lexical.pool_search_dtype,
         )
+        return self.affine(pooled) if self.affine is not None else pooled
 
     def patch_logits(self, hidden: Tensor) -> Tensor:
         """Per-patch lexical logits: (B, P, D) -> (B, P, V). Memory: B·P·V floats."""
-        return hidden @ self.codebook.t()
+        logits = hidden @ self.codebook.t()
+        return self.affine(logits) if self.affine is not None else logits
 
     def activations(self, features: Tensor) -> Tensor:
         """Image activations before L2 normalisation, `elu+1` of the pooled logits: (B, P, Dv) -> (B, V)."""
