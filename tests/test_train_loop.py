@@ -119,7 +119,9 @@ def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
     )
 
 
-def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
+@pytest.mark.parametrize("cached", [False, True])
+def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, monkeypatch, cached):
+    monkeypatch.setenv("LEXVLA_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     rows = ["filepath,caption"]
     for i in range(10):
@@ -131,7 +133,12 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
     (tmp_path / "text.jpg").write_text("this is not an image")
     rows += ["zero.jpg,an empty file", "text.jpg,a text file"]
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    cfg = _cfg(f"data.path={tmp_path / 'data.csv'}", "train.steps=3", "train.batch_size=8")
+    cfg = _cfg(
+        f"data.path={tmp_path / 'data.csv'}",
+        "train.steps=3",
+        "train.batch_size=8",
+        f"train.cache_features={str(cached).lower()}",
+    )
     state = fit(cfg, tmp_path / "run", progress=False)
     assert state.step == 3 and state.skipped_samples == 2
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -193,3 +200,47 @@ def test_two_processes_equal_one_process(tmp_path, strategy):
 
 def test_tiny_preset_default_data_is_synthetic():
     assert get_preset("tiny").data.path.startswith("synthetic")
+
+
+def test_precomputed_feature_tables_train_exactly_like_pixels(tmp_path, monkeypatch):
+    """Frozen features computed once into tables (float32) give the same run as the towers every step."""
+    monkeypatch.setenv("LEXVLA_CACHE", str(tmp_path / "cache"))
+    common = ["train.steps=4", "train.batch_size=8", "data.path=synthetic:24"]
+    common += [
+        "model.text.use_lora=false",
+        "model.text.head=mlp",
+        "train.feature_cache_dtype=float32",
+    ]
+    fit(_cfg(*common, "train.cache_features=false"), tmp_path / "pixels", progress=False)
+    fit(_cfg(*common, "train.cache_features=true"), tmp_path / "tables", progress=False)
+    tables = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "features").iterdir())
+    assert tables == ["image", "text"]
+    expected, got = _metrics(tmp_path / "pixels"), _metrics(tmp_path / "tables")
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in expected], rel=1e-5)
+    for name, value in _weights(tmp_path / "pixels").items():
+        torch.testing.assert_close(_weights(tmp_path / "tables")[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_feature_table_resumes_from_its_chunks_and_reads_a_second_time(tmp_path):
+    from lexvla.train.features import FeatureTable
+
+    calls: list[range] = []
+
+    def encode(span: range) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(span)
+        if span.start == 4 and len(calls) == 2:
+            raise KeyboardInterrupt  # the first pass dies in its second chunk
+        rows = torch.arange(span.start, span.stop, dtype=torch.float32)[:, None].repeat(1, 3)
+        return rows, torch.tensor([i != 5 for i in span])
+
+    with pytest.raises(KeyboardInterrupt):
+        FeatureTable.build(tmp_path, 10, encode, chunk=4)
+    table = FeatureTable.build(tmp_path, 10, encode, chunk=4)
+    assert [(c.start, c.stop) for c in calls] == [(0, 4), (4, 8), (4, 8), (8, 10)]
+    assert table.features[:, 0].tolist() == list(range(10)) and table.failed == [5]
+    calls.clear()
+    again = FeatureTable.build(tmp_path, 10, encode, chunk=4)
+    assert calls == [] and torch.equal(again.features, table.features)
+    (tmp_path / "chunk_000001.safetensors").write_bytes(b"garbage")  # a damaged chunk is recomputed
+    FeatureTable.build(tmp_path, 10, encode, chunk=4)
+    assert [(c.start, c.stop) for c in calls] == [(4, 8)]

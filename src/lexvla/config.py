@@ -146,7 +146,10 @@ class DataConfig:
     )
     images: str = ""  # image folder for caption JSON / CSV with relative paths
     split: str = "train"  # Karpathy split to use, when the file has splits
-    holdout: int = 0  # keep the last N images out of training (for evaluation on unseen images)
+    # Karpathy split to validate on when the file has it (Flickr8k/30k, COCO: "val"); "": none.
+    val_split: str = "val"
+    # Keep the last N images (by key) out of training to validate on, when there is no val_split.
+    holdout: int = 0
     captions_per_image: int = 1  # captions sampled per image per step
     num_workers: int = 0  # DataLoader workers for streaming shards
     synthetic_size: int = 512  # number of samples of the synthetic dataset
@@ -168,7 +171,11 @@ class TrainConfig:
     grad_checkpointing: bool = (
         False  # recompute LLM activations in backward (with LoRA): memory for time
     )
-    cache_features: bool = True  # cache frozen DINOv2 outputs on disk
+    # Compute what stays frozen once (DINOv2 patch features; with use_lora=false the LLM's caption
+    # features) and keep it under $LEXVLA_CACHE/features: map-style data in whole tables before the
+    # first step, streaming shards on first use.
+    cache_features: bool = True
+    feature_cache_dtype: str = "float16"  # storage of cached image features: float16 | float32
     log_every: int = 5  # steps between metrics.jsonl / TensorBoard records
     eval_every: int = 0  # 0: only at the end
     save_every: int = 50  # steps between checkpoints (0: only the final model)

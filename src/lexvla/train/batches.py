@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,11 +30,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    """A (local) training batch: preprocessed pixels and one caption per image."""
+    """A (local) training batch: one caption per image, and either preprocessed pixels or the
+    images' (and captions') precomputed frozen features."""
 
-    pixels: Tensor  # (B, 3, S, S)
+    pixels: Tensor | None  # (B, 3, S, S); None when image_features are given
     captions: list[str]  # (B,)
     keys: list[str]
+    image_features: Tensor | None = None  # (B, P, Dv) from a FeatureTable
+    text_features: Tensor | None = None  # (B, D) from a FeatureTable
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -41,14 +45,28 @@ class Batch:
     def split(self, parts: int) -> list[Batch]:
         """Micro-batches for gradient accumulation."""
         size = -(-len(self) // parts)
+
+        def cut(x: Tensor | None, i: int) -> Tensor | None:
+            return None if x is None else x[i : i + size]
+
         return [
-            Batch(self.pixels[i : i + size], self.captions[i : i + size], self.keys[i : i + size])
+            Batch(
+                cut(self.pixels, i),
+                self.captions[i : i + size],
+                self.keys[i : i + size],
+                cut(self.image_features, i),
+                cut(self.text_features, i),
+            )
             for i in range(0, len(self), size)
         ]
 
 
 class BatchSource:
-    """Produces the batch of any step, for one rank, from a dataset described by DataConfig."""
+    """Produces the batch of any step, for one rank, from a dataset described by DataConfig.
+
+    `holdout` is what training never sees, for validation: the data file's validation split when it
+    has one (Karpathy JSON: `data.val_split`), else the last `data.holdout` images by key, else None.
+    """
 
     def __init__(
         self,
@@ -76,17 +94,34 @@ class BatchSource:
             self.train_set = dataset
             self._stream: Iterator | None = None
         else:
-            self.train_set, self.holdout = (
-                split_holdout(dataset, data.holdout) if data.holdout else (dataset, None)
-            )
+            self.holdout = _validation_split(data)
+            if self.holdout is not None:
+                self.train_set = dataset
+            elif data.holdout:
+                self.train_set, self.holdout = split_holdout(dataset, data.holdout)
+            else:
+                self.train_set = dataset
             if len(self.train_set) == 0:
                 raise LexVLAError(f"no training images in {data.path} (holdout={data.holdout})")
         self.skipped = 0
         self.skipped_files: set[str] = set()
         self._bad: set[int] = set()
+        self._tables: tuple[Any, Any, Tensor | None] | None = None
 
     def set_processor(self, processor: ImageProcessor) -> None:
         self.processor = processor
+
+    def use_tables(self, image_table: Any, text_table: Any, caption_offsets: Tensor | None) -> None:
+        """Serve batches from precomputed frozen features (:class:`~lexvla.train.features.FeatureTable`).
+
+        `image_table` rows are the training images (None: pixels are loaded as usual); `text_table`
+        rows are their captions, image i's at `caption_offsets[i] : caption_offsets[i + 1]` (None:
+        caption strings only). Images the table could not encode are skipped and counted.
+        """
+        if image_table is not None:
+            for index in image_table.failed:
+                self._mark_bad(index, self.train_set[index])
+        self._tables = (image_table, text_table, caption_offsets)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_set))
@@ -103,10 +138,19 @@ class BatchSource:
 
     def batch(self, step: int) -> Batch:
         """The local batch of `step` (deterministic; skips and counts unreadable samples)."""
-        if self.processor is None:
-            raise RuntimeError("BatchSource needs an image processor (set_processor)")
         if self.streaming:
+            if self.processor is None:
+                raise RuntimeError("BatchSource needs an image processor (set_processor)")
             return self._stream_batch(step)
+        image_table = self._tables[0] if self._tables else None
+        if image_table is None and self.processor is None:
+            raise RuntimeError("BatchSource needs an image processor (set_processor)")
+        load = self._usable if image_table is not None else self._load
+        local = self._pick(step, load)[self.rank :: self.world_size]
+        return self._collate(step, local)
+
+    def _pick(self, step: int, load: Any) -> list[tuple[int, Any]]:
+        """The global batch of `step`: (index, sample) of the next usable images of the order."""
         samples = []
         indices = self._global_indices(step)
         attempts = 0
@@ -117,18 +161,24 @@ class BatchSource:
                 raise LexVLAError(
                     f"too many unreadable samples in {self.cfg.path}: nothing left to train on"
                 )
-            sample = self._load(index)
+            sample = load(index)
             if sample is not None:
                 samples.append((index, sample))
-        local = samples[self.rank :: self.world_size]
-        return self._collate(step, local)
+        return samples
 
-    def _load(self, index: int):  # noqa: ANN202 - a dataset Sample or None
+    def _usable(self, index: int):  # noqa: ANN202 - a dataset Sample or None
+        """A sample whose features are in the tables (its image is not read)."""
         if index in self._bad:
             return None
         sample = self.train_set[index]
         if sample is None or not sample.captions:
             self._mark_bad(index, sample)
+            return None
+        return sample
+
+    def _load(self, index: int):  # noqa: ANN202 - a dataset Sample or None
+        sample = self._usable(index)
+        if sample is None:
             return None
         try:
             sample.pixels = self.processor([sample.image])[0]  # type: ignore[union-attr]
@@ -146,12 +196,26 @@ class BatchSource:
         )
 
     def _collate(self, step: int, local: list) -> Batch:
-        captions = []
+        choices = []
         for index, sample in local:
             rng = np.random.default_rng([self.seed, step, index])
-            captions.append(sample.captions[int(rng.integers(len(sample.captions)))])
-        pixels = torch.stack([sample.pixels for _, sample in local])
-        return Batch(pixels, captions, [sample.key for _, sample in local])
+            choices.append(int(rng.integers(len(sample.captions))))
+        captions = [sample.captions[c] for (_, sample), c in zip(local, choices)]
+        keys = [sample.key for _, sample in local]
+        if not self._tables or self._tables[0] is None:
+            pixels = torch.stack([sample.pixels for _, sample in local])
+            return Batch(pixels, captions, keys, None, self._text_rows(local, choices))
+        image_table = self._tables[0]
+        rows = torch.tensor([index for index, _ in local])
+        features = image_table.features[rows].float()  # (B, P, Dv)
+        return Batch(None, captions, keys, features, self._text_rows(local, choices))
+
+    def _text_rows(self, local: list, choices: list[int]) -> Tensor | None:
+        if not self._tables or self._tables[1] is None:
+            return None
+        _, text_table, offsets = self._tables
+        rows = torch.tensor([int(offsets[index]) + c for (index, _), c in zip(local, choices)])
+        return text_table.features[rows].float()  # (B, D)
 
     def _stream_batch(self, step: int) -> Batch:
         if self._stream is None:
@@ -176,3 +240,16 @@ class BatchSource:
                 continue
             local.append((len(local), sample))
         return self._collate(step, local)
+
+
+def _validation_split(data: DataConfig) -> Any:
+    """The data file's validation split (`data.val_split` of a Karpathy JSON), or None."""
+    from lexvla.data import create_dataset
+    from lexvla.data.datasets import detect_format
+
+    if not data.val_split or detect_format(data.path) != "karpathy" or data.split == data.val_split:
+        return None
+    try:
+        return create_dataset(data, split=data.val_split)
+    except LexVLAError:  # the file has no such split: fall back to data.holdout
+        return None

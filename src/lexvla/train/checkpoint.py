@@ -34,7 +34,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def feature_cache_root(run_dir: Path) -> Path:
+def feature_cache_root() -> Path:
     """Frozen features are shared by runs: `$LEXVLA_CACHE/features` (default ~/.cache/lexvla)."""
     root = os.environ.get("LEXVLA_CACHE") or str(Path.home() / ".cache" / "lexvla")
     return Path(root) / "features"

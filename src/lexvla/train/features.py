@@ -14,11 +14,14 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +141,232 @@ class TextFeatureCache:
                 computed = compute(missing).detach().cpu()
             self.memory.update(zip(missing, computed))
         return torch.stack([self.memory[c] for c in captions])
+
+
+# ------------------------------------------------------------------------------ precomputed tables
+class FeatureTable:
+    """Frozen features of a fixed list of inputs, computed once and kept under the cache.
+
+    A map-style dataset is known in advance, so its frozen features are computed in one pass before
+    training (with progress) rather than on first use: training steps then only index a tensor, never
+    decode an image or run a frozen tower. The pass writes chunk files
+    (`folder/chunk_000000.safetensors`, `features` (n, ...) and `ok` (n,) uint8) atomically, so an
+    interrupted pass resumes at the first missing chunk, and a second run with the same frozen model
+    and data reads the table without computing anything. An input whose encoding raises
+    :class:`LexVLAError` (an undecodable image) gets a zero row and `ok = 0`: skipped and counted.
+
+    Attributes:
+        features: (N, ...) the table, in `dtype`.
+        ok: (N,) bool, False where the input could not be encoded.
+    """
+
+    def __init__(self, features: Tensor, ok: Tensor, folder: Path | None = None) -> None:
+        self.features = features
+        self.ok = ok
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.ok)
+
+    @property
+    def failed(self) -> list[int]:
+        return torch.nonzero(~self.ok).flatten().tolist()
+
+    @classmethod
+    def build(
+        cls,
+        folder: Path,
+        count: int,
+        encode: Callable[[range], tuple[Tensor, Tensor]],
+        *,
+        chunk: int = 512,
+        dtype: torch.dtype = torch.float16,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> FeatureTable:
+        """Load or compute the table of `count` inputs.
+
+        Args:
+            folder: where the chunks live (name it by a fingerprint of the frozen model and the data).
+            count: number of inputs.
+            encode: `encode(range)` -> (features (n, ...), ok (n,) bool) of inputs `range`.
+            chunk: inputs per chunk file.
+            dtype: storage dtype of the features.
+            progress: called as `progress(done, count)` after each chunk.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+        parts, oks = [], []
+        for number, start in enumerate(range(0, count, chunk)):
+            span = range(start, min(count, start + chunk))
+            path = folder / f"chunk_{number:06d}.safetensors"
+            loaded = _read_chunk(path, len(span))
+            if loaded is None:
+                features, ok = encode(span)
+                loaded = (features.detach().to("cpu", dtype).contiguous(), ok.to(torch.uint8))
+                _write_chunk(path, *loaded)
+            parts.append(loaded[0])
+            oks.append(loaded[1].bool())
+            if progress is not None:
+                progress(span.stop, count)
+        if not parts:
+            raise ValueError("a feature table needs at least one input")
+        return cls(torch.cat(parts), torch.cat(oks), folder)
+
+
+def _read_chunk(path: Path, rows: int) -> tuple[Tensor, Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+        features, ok = tensors["features"], tensors["ok"]
+        if len(features) != rows or len(ok) != rows or not features.is_floating_point():
+            raise KeyError("shape")
+    except (SafetensorError, OSError, KeyError):
+        logger.warning("recomputing the unreadable feature chunk %s", path)
+        return None
+    return features, ok
+
+
+def _write_chunk(path: Path, features: Tensor, ok: Tensor) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"features": features, "ok": ok}, str(tmp))
+    os.replace(tmp, path)  # a reader never sees half a chunk
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """A hash of a map-style dataset's keys, files (path, size, mtime) and captions."""
+    digest = hashlib.sha256()
+    records = getattr(dataset, "records", None)
+    items = records if records is not None else (dataset[i] for i in range(len(dataset)))
+    for item in items:
+        if item is None:
+            digest.update(b"\0none\0")
+            continue
+        path = str(getattr(item, "path", "") or "")
+        stat = os.stat(path) if path and os.path.isfile(path) else None
+        identity = (item.key, path, stat and (stat.st_size, stat.st_mtime_ns), list(item.captions))
+        digest.update(json.dumps(identity, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+class _Progress:
+    """`progress(done, total)` for FeatureTable.build: a tqdm bar, or nothing."""
+
+    def __init__(self, desc: str, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc=desc, unit="item", disable=not enabled, dynamic_ncols=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+
+
+def image_feature_table(
+    model: Any,
+    dataset: Any,
+    root: Path,
+    *,
+    batch_size: int = 32,
+    dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> FeatureTable:
+    """Frozen backbone patch features of every image of a map-style dataset: rows (N, P, Dv).
+
+    `model` is a LexVLA; the table lives under `root/image-<backbone, preprocessing, data>` and is
+    computed only where it is missing. An undecodable image gets `ok = False`.
+    """
+    vision = model.cfg.vision
+    preprocessing = [vision.image_size, vision.resize_size, vision.mean, vision.std]
+    name = module_fingerprint(model.vision.backbone, [preprocessing, dataset_fingerprint(dataset)])
+    device = model.device
+    shape: list[tuple[int, ...]] = []
+
+    def encode(span: range) -> tuple[Tensor, Tensor]:
+        pixels, ok = [], []
+        for index in span:
+            sample = dataset[index]
+            try:
+                if sample is None:
+                    raise LexVLAError(f"image {index} cannot be read")
+                pixels.append(model.image_processor([sample.image])[0])
+                ok.append(True)
+            except LexVLAError as err:
+                logger.warning("skipping unreadable image %s: %s", index, err)
+                ok.append(False)
+        good = [
+            _frozen(model.vision.forward_features, torch.stack(pixels[i : i + batch_size]), device)
+            for i in range(0, len(pixels), batch_size)
+        ]
+        if not shape:
+            side = model.image_processor.image_size
+            probe = (
+                good[0]
+                if good
+                else _frozen(model.vision.forward_features, torch.zeros(1, 3, side, side), device)
+            )
+            shape.append(tuple(probe.shape[1:]))
+        rows = torch.zeros(len(span), *shape[0], dtype=dtype)
+        mask = torch.tensor(ok, dtype=torch.bool)
+        if good:
+            rows[mask] = torch.cat(good).to(dtype)
+        return rows, mask
+
+    return FeatureTable.build(
+        root / f"image-{name}",
+        len(dataset),
+        encode,
+        chunk=256,
+        dtype=dtype,
+        progress=_Progress("caching image features", progress),
+    )
+
+
+def text_feature_table(
+    model: Any, dataset: Any, root: Path, *, batch_size: int = 64, progress: bool = True
+) -> tuple[FeatureTable, Tensor]:
+    """Frozen-LLM features of every caption of a map-style dataset: (table (N_captions, D),
+    offsets (N + 1,)): image i's captions are rows `offsets[i]` to `offsets[i + 1]`."""
+    captions: list[str] = []
+    offsets = [0]
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        captions.extend(sample.captions if sample is not None else [])
+        offsets.append(len(captions))
+    text = model.cfg.text
+    settings = [
+        text.prompt,
+        text.max_caption_tokens,
+        hashlib.sha256("\0".join(captions).encode()).hexdigest(),
+    ]
+    name = module_fingerprint(model.text.llm, settings)
+    device = model.device
+
+    def encode(span: range) -> tuple[Tensor, Tensor]:
+        parts = [
+            _frozen(
+                model.text.forward_features, captions[i : min(span.stop, i + batch_size)], device
+            )
+            for i in range(span.start, span.stop, batch_size)
+        ]
+        return torch.cat(parts), torch.ones(len(span), dtype=torch.bool)
+
+    if not captions:
+        raise LexVLAError("the training data has no caption")
+    table = FeatureTable.build(
+        root / f"text-{name}",
+        len(captions),
+        encode,
+        chunk=2048,
+        dtype=torch.float32,
+        progress=_Progress("caching caption features", progress),
+    )
+    return table, torch.tensor(offsets)
+
+
+def _frozen(forward: Callable[[Any], Tensor], inputs: Any, device: torch.device) -> Tensor:
+    with torch.no_grad():
+        if isinstance(inputs, Tensor):
+            inputs = inputs.to(device)
+        return forward(inputs).detach().cpu()

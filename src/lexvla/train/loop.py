@@ -32,8 +32,15 @@ from lexvla.train.distributed import (
     barrier,
     cleanup,
     init_distributed,
+    is_main_process,
 )
-from lexvla.train.features import ImageFeatureCache, TextFeatureCache, module_fingerprint
+from lexvla.train.features import (
+    ImageFeatureCache,
+    TextFeatureCache,
+    image_feature_table,
+    module_fingerprint,
+    text_feature_table,
+)
 from lexvla.train.optim import create_optimizer, create_scheduler
 from lexvla.train.runlog import RunLogger
 
@@ -95,9 +102,9 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progres
     model = LexVLA(cfg.model, device=dist.device)
     if cfg.train.grad_checkpointing and cfg.model.text.use_lora:
         model.set_grad_checkpointing(True)
-    image_cache, text_cache = _feature_caches(
-        cfg, model, run_dir
-    )  # fingerprints need whole weights
+    batches = BatchSource(cfg.data, cfg.train, dist.rank, dist.world_size, model.image_processor)
+    # Before wrapping: fingerprints and the frozen towers' passes need the whole weights.
+    image_cache, text_cache = _feature_caches(cfg, model, batches, progress and dist.rank == 0)
     wrapped = _wrap(model, dist, cfg.train.distributed)
     # After wrapping: FSDP2 replaces the parameters with sharded ones, the optimiser must hold those.
     optimizer = create_optimizer(model.trainable_parameters(), cfg.train)
@@ -114,7 +121,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progres
         objective=LexVLAObjective(cfg.loss, max_scale=cfg.model.logit_scale_max),
         optimizer=optimizer,
         scheduler=scheduler,
-        batches=BatchSource(cfg.data, cfg.train, dist.rank, dist.world_size, model.image_processor),
+        batches=batches,
         image_cache=image_cache,
         text_cache=text_cache,
         log=RunLogger(
@@ -151,20 +158,66 @@ def _wrap(model: LexVLA, dist: DistInfo, strategy: str) -> torch.nn.Module:
 
 
 def _feature_caches(
-    cfg: ExperimentConfig, model: LexVLA, run_dir: Path
+    cfg: ExperimentConfig, model: LexVLA, batches: BatchSource, progress: bool
 ) -> tuple[ImageFeatureCache | None, TextFeatureCache | None]:
+    """Frozen features computed once: for map-style data, whole tables before the first step (the
+    batches then carry features); for streaming shards, caches filled on first use."""
     if not cfg.train.cache_features:
         return None, None
-    image_cache = None
-    if cfg.model.vision.freeze:
-        vision = cfg.model.vision
-        preprocessing = [vision.image_size, vision.resize_size, vision.mean, vision.std]
-        fingerprint = module_fingerprint(model.vision.backbone, preprocessing)
-        image_cache = ImageFeatureCache(ckpt.feature_cache_root(run_dir), fingerprint)
+    vision_frozen = cfg.model.vision.freeze
     # A "bow" text side is cheap and (B, V) wide: not worth caching.
     text = cfg.model.text
-    text_cache = TextFeatureCache() if not text.use_lora and text.encoder == "llm" else None
-    return image_cache, text_cache
+    text_frozen = not text.use_lora and text.encoder == "llm"
+    root = ckpt.feature_cache_root()
+    if not batches.streaming:
+        dtype = _FEATURE_DTYPES.get(cfg.train.feature_cache_dtype)
+        if dtype is None:
+            raise LexVLAError(
+                f"train.feature_cache_dtype {cfg.train.feature_cache_dtype!r}: use float16 or float32"
+            )
+        _build_tables(model, batches, root, vision_frozen, text_frozen, dtype, progress)
+        return None, None
+    image_cache = None
+    if vision_frozen:
+        vision = cfg.model.vision
+        preprocessing = [vision.image_size, vision.resize_size, vision.mean, vision.std]
+        image_cache = ImageFeatureCache(
+            root, module_fingerprint(model.vision.backbone, preprocessing)
+        )
+    return image_cache, TextFeatureCache() if text_frozen else None
+
+
+_FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _build_tables(
+    model: LexVLA,
+    batches: BatchSource,
+    root: Path,
+    images: bool,
+    texts: bool,
+    dtype: torch.dtype,
+    progress: bool,
+) -> None:
+    """Rank 0 computes the missing table chunks first; the other ranks then read them."""
+    if not (images or texts):
+        return
+    image_table = text_table = offsets = None
+    for turn in (0, 1):
+        if is_main_process() == (turn == 0):
+            dataset = batches.train_set
+            image_table = (
+                image_feature_table(model, dataset, root, dtype=dtype, progress=progress)
+                if images
+                else None
+            )
+            text_table, offsets = (
+                text_feature_table(model, dataset, root, progress=progress)
+                if texts
+                else (None, None)
+            )
+        barrier()
+    batches.use_tables(image_table, text_table, offsets)
 
 
 def run_steps(t: Trainer) -> None:
@@ -237,13 +290,17 @@ def _forward_losses(t: Trainer, micro: Any, step: int) -> dict[str, Tensor]:
 def _model_inputs(t: Trainer, micro: Any) -> dict[str, Any]:
     """Cached frozen features where a cache is on, raw pixels and captions otherwise."""
     inputs: dict[str, Any] = {}
-    if t.image_cache is not None:
+    if micro.image_features is not None:
+        inputs["image_features"] = micro.image_features
+    elif t.image_cache is not None:
         device = t.dist.device
         compute = lambda px: t.model.vision.forward_features(px.to(device))  # noqa: E731
         inputs["image_features"] = t.image_cache.get(micro.pixels, compute)
     else:
         inputs["pixel_values"] = micro.pixels
-    if t.text_cache is not None:
+    if micro.text_features is not None:
+        inputs["text_features"] = micro.text_features
+    elif t.text_cache is not None:
         inputs["text_features"] = t.text_cache.get(micro.captions, t.model.text.forward_features)
     else:
         inputs["texts"] = micro.captions
