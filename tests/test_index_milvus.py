@@ -7,9 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +32,7 @@ pytest.importorskip(
     "milvus_lite", reason="milvus-lite is not installed: pip install 'lexvla[milvus]'"
 )
 
-from lexvla.index.milvus import MilvusIndex, build_milvus_index  # noqa: E402
+from lexvla.index.milvus import MilvusIndex, build_milvus_index, milvus_lite_server  # noqa: E402
 
 V = 64
 VOCAB = [f"w{i}" for i in range(V)]
@@ -49,41 +47,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Milvus Lite gRPC server on a free loopback port, for the whole module."""
-    exe = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or shutil.which(
-        "milvus-lite"
-    )
-    if exe is None:
+    if shutil.which(
+        "milvus-lite", path=str(Path(sys.executable).parent)
+    ) is None and not shutil.which("milvus-lite"):
         pytest.skip("the milvus-lite command is not installed (pip install 'lexvla[milvus]')")
-    port = _free_port()
-    data = tmp_path_factory.mktemp("milvus")
-    log = open(data / "server.log", "wb")  # noqa: SIM115
-    cmd = [
-        exe,
-        "server",
-        "--data-dir",
-        str(data / "db"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log_text = (data / "server.log").read_text()[-2000:]
-                    raise RuntimeError(f"milvus-lite server did not start: {log_text}") from None
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with milvus_lite_server(tmp_path_factory.mktemp("milvus"), _free_port()) as uri:
+        yield uri
 
 
 def _corpus(n: int = 160) -> tuple:

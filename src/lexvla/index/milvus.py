@@ -24,10 +24,16 @@ credentials takes them from `token=` or the LEXVLA_MILVUS_TOKEN environment vari
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +64,17 @@ MAX_K = 16_384  # Milvus's largest top-k
 KEY_LENGTH = 1024
 SOURCE_LENGTH = 512
 INSERT_BATCH = 1_000
+
+
+class _QuietUnimplemented(logging.Filter):
+    """Milvus Lite's in-process server (a `*.db` URI) logs a traceback when pymilvus probes a method
+    it lacks (AllocTimestamp, on create_collection); pymilvus then carries on without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Method not implemented" not in record.getMessage()
+
+
+logging.getLogger("grpc._server").addFilter(_QuietUnimplemented())
 
 
 def _row_dicts(
@@ -504,3 +521,51 @@ def _shard_inserted(index: MilvusIndex, shard: ShardInfo, src: Path) -> bool:
         index.client.delete(index.collection, filter=f'source == "{source}"')
         index.flush()
     return False
+
+
+# ------------------------------------------------------------------------- a local server for trials
+@contextlib.contextmanager
+def milvus_lite_server(data_dir: str | Path, port: int, *, timeout: float = 60.0) -> Iterator[str]:
+    """Run `milvus-lite server` on 127.0.0.1:`port` (data in `data_dir`) and yield its URI.
+
+    For tests, benchmarks and trying the Milvus path on one machine; the server is stopped on exit.
+    Its output goes to `data_dir/server.log`.
+    """
+    exe = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or shutil.which(
+        "milvus-lite"
+    )
+    if exe is None:
+        raise LexVLAError("the milvus-lite command is not installed: pip install 'lexvla[milvus]'")
+    data = Path(data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        exe,
+        "server",
+        "--data-dir",
+        str(data / "db"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with open(data / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        tail = (data / "server.log").read_text(errors="replace")[-2000:]
+                        raise LexVLAError(f"milvus-lite server did not start: {tail}") from None
+                    time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
