@@ -25,7 +25,9 @@ Writes bench/results/milvus_scale.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -50,8 +52,10 @@ def _free_port() -> int:
 
 
 def _server_cpu_seconds(port: int) -> float:
-    """CPU seconds (user + system) of the process listening on `port` (the milvus-lite server)."""
-    import subprocess
+    """CPU seconds (user + system) of the process listening on `port` (the milvus-lite server); 0
+    for port 0 (a server elsewhere)."""
+    if not port:
+        return 0.0
 
     pid = subprocess.run(
         ["fuser", f"{port}/tcp"], capture_output=True, text=True, check=False
@@ -153,6 +157,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--uri", help="an existing Milvus server instead of a milvus-lite one (its CPU is not read)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "milvus_scale.json"
     )
     args = parser.parse_args()
@@ -163,7 +170,12 @@ def main() -> None:
     queries = make_vectors(args.queries, VOCAB_SIZE, "zipf", 1)
     with tempfile.TemporaryDirectory(prefix="milvus-bench-") as tmp_dir:
         tmp, port = Path(tmp_dir), _free_port()
-        with milvus_lite_server(tmp / "milvus", port) as uri:
+        with (
+            contextlib.nullcontext(args.uri)
+            if args.uri
+            else milvus_lite_server(tmp / "milvus", port) as uri
+        ):
+            port = 0 if args.uri else port
             sizes = [run_size(n, queries, args.repeats, tmp, uri, port) for n in args.docs]
     report = {
         "benchmark": "embedded SparseIndex vs Milvus (milvus-lite server) on the same shards"
