@@ -170,6 +170,9 @@ def test_milvus_refuses_bad_uris(tmp_path: Path) -> None:
         with pytest.raises(LexVLAError, match="cannot connect to Milvus") as err:
             MilvusIndex.describe(uri)
         assert named in str(err.value)
+    with pytest.raises(LexVLAError, match="'my-photos' is not a Milvus collection name"):
+        MilvusIndex.describe(str(tmp_path / "lex.db"), collection="my-photos")
+    assert not (tmp_path / "lex.db").exists()
 
 
 # ------------------------------------------------------------------------------ build from shards

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -64,6 +65,7 @@ MAX_K = 16_384  # Milvus's largest top-k
 KEY_LENGTH = 1024
 SOURCE_LENGTH = 512
 INSERT_BATCH = 1_000
+COLLECTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
 
 class _QuietUnimplemented(logging.Filter):
@@ -126,7 +128,8 @@ class MilvusIndex:
         """
         words = _io.check_vocab(vocab, f"MilvusIndex.create({uri})")
         model = json.loads(_io.jsonable(dict(model_ref), "model_ref"))
-        client, where = _connect(uri, token), _where(uri, collection)
+        where = _where(uri, collection)
+        client = _connect(uri, token)
         if client.has_collection(collection):
             raise LexVLAError(f"{where} already exists; open it with MilvusIndex.open")
         info = {
@@ -157,9 +160,10 @@ class MilvusIndex:
         uri: str, *, collection: str = DEFAULT_COLLECTION, token: str = ""
     ) -> dict[str, Any]:
         """The collection's lexvla property: vocabulary size and hash, model reference, next id."""
+        where = _where(uri, collection)
         client = _connect(uri, token)
         try:
-            return _read_info(client, collection, _where(uri, collection))
+            return _read_info(client, collection, where)
         finally:
             client.close()
 
@@ -173,7 +177,8 @@ class MilvusIndex:
         token: str = "",
     ) -> MilvusIndex:
         """Open an existing collection, checking that `vocab` is the one it was created with."""
-        client, where = _connect(uri, token), _where(uri, collection)
+        where = _where(uri, collection)
+        client = _connect(uri, token)
         info = _read_info(client, collection, where)
         check_vocab_hash(info, list(vocab), where, "the model's")
         client.load_collection(collection)
@@ -411,6 +416,12 @@ def _explain(
 
 
 def _where(uri: str, collection: str) -> str:
+    """'Milvus collection NAME at URI', for messages; refuses a name Milvus would not take."""
+    if not isinstance(collection, str) or not COLLECTION_RE.match(collection):
+        raise LexVLAError(
+            f"{collection!r} is not a Milvus collection name: use letters, digits and '_'"
+            " (starting with a letter or '_', at most 255 characters), e.g. photos_2024"
+        )
     return f"Milvus collection {collection!r} at {uri}"
 
 
@@ -474,7 +485,8 @@ def build_milvus_index(
     """
     src = Path(from_dir)
     shards, words = read_shard_manifest(src), read_shard_vocab(src)
-    client, where = _connect(uri, token), _where(uri, collection)
+    where = _where(uri, collection)
+    client = _connect(uri, token)
     if client.has_collection(collection):
         info = _read_info(client, collection, where)
         check_vocab_hash(info, words, where, f"the shards in {src}")

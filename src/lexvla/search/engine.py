@@ -79,9 +79,7 @@ class SearchEngine:
                 holding `collection` (`lexvla index build --milvus`).
         """
         if (index_path is None) == (milvus is None):
-            raise LexVLAError(
-                "give exactly one index: a folder (--index) or a Milvus URI (--milvus)"
-            )
+            raise LexVLAError("give exactly one index: its folder, or a Milvus URI (--milvus URI)")
         if milvus is None:
             from lexvla.index import SparseIndex
 
