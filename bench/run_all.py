@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "lexical_pool": ["--quick"],
     "index_search": ["--quick"],
     "serve_load": ["--quick"],
+    "milvus_scale": ["--quick"],
 }
 
 
@@ -131,6 +132,17 @@ def _serve_load(r: dict) -> list[str]:
     ]
 
 
+def _milvus_scale(r: dict) -> list[str]:
+    return [
+        f"{size['docs']:,} docs: build {size['build']['embedded_vectors_per_s']:,.0f} vs "
+        f"{size['build']['milvus_vectors_per_s']:,.0f} vectors/s, search "
+        f"{size['search']['embedded']['queries_per_s']:,.0f} vs "
+        f"{size['search']['milvus']['queries_per_s']:,.1f} queries/s (embedded vs Milvus), "
+        f"top-10 identical {size['top10_identical_fraction']:.0%}"
+        for size in r["results"]
+    ]
+
+
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "text_encoding": _text_encoding,
     "train_step": _train_step,
@@ -138,6 +150,7 @@ SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "paper_memory": _paper_memory,
     "lexical_pool": _lexical_pool,
     "serve_load": _serve_load,
+    "milvus_scale": _milvus_scale,
 }
 
 

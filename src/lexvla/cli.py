@@ -35,7 +35,10 @@ eval_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
-index_app = typer.Typer(help="Build and export the embedded sparse index.", no_args_is_help=True)
+index_app = typer.Typer(
+    help="Build the sparse index (embedded or Milvus) and export it for other engines.",
+    no_args_is_help=True,
+)
 app.add_typer(index_app, name="index")
 console = Console(soft_wrap=True)  # paths and result lines stay whole (greppable)
 err_console = Console(stderr=True)
@@ -55,6 +58,17 @@ ImagesOption = Annotated[
 OutOption = Annotated[Path | None, typer.Option("--out", help="Write the JSON result here.")]
 SplitOption = Annotated[str, typer.Option(help="Karpathy split (train, val, test, all).")]
 LimitOption = Annotated[int | None, typer.Option(help="Use only the first N images.")]
+MilvusOption = Annotated[
+    str | None,
+    typer.Option(
+        "--milvus",
+        help="A Milvus server URI (http://HOST:19530) or Milvus Lite file (*.db) instead of a folder;"
+        " credentials from $LEXVLA_MILVUS_TOKEN.",
+    ),
+]
+CollectionOption = Annotated[
+    str, typer.Option("--collection", help="The Milvus collection (with --milvus).")
+]
 SparsifyOption = Annotated[
     str | None, typer.Option(help="Operating point: threshold (default), dense, or a top-k number.")
 ]
@@ -436,36 +450,66 @@ def encode_corpus_command(
 @index_app.command("build")
 def index_build(
     from_dir: Annotated[Path, typer.Option("--from", help="Shard folder from encode-corpus.")],
-    out: Annotated[Path, typer.Option("--out", help="Index folder (created or extended).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Index folder (created or extended).")
+    ] = None,
+    milvus: MilvusOption = None,
+    collection: CollectionOption = "lexvla",
 ) -> None:
-    """Build (or extend) the embedded inverted index from encoded shards; atomic and resumable.
+    """Build (or extend) the index from encoded shards: embedded (--out) or Milvus (--milvus).
 
+    Both are resumable: run the same command again after an interruption.
     Example: [bold]lexvla index build --from corpus/ --out index/[/bold]
+    or [bold]lexvla index build --from corpus/ --milvus http://127.0.0.1:19530 --collection photos[/bold]
     """
+    if (out is None) == (milvus is None):
+        raise LexVLAError("give exactly one of --out FOLDER (embedded index) or --milvus URI")
+    if milvus is not None:
+        from lexvla.index.milvus import build_milvus_index
+
+        index = build_milvus_index(from_dir, milvus, collection=collection)
+        console.print(f"[green]index[/green] {index.where}: {len(index)} documents")
+        index.close()
+        return
     from lexvla.index import build_index
 
-    index = build_index(from_dir, out)
-    console.print(f"[green]index[/green] {out}: {len(index)} documents")
+    built = build_index(from_dir, out)
+    console.print(f"[green]index[/green] {out}: {len(built)} documents")
 
 
 @index_app.command("export")
 def index_export(
     index: Annotated[Path, typer.Option("--index", help="Index folder.")],
-    out: Annotated[Path, typer.Option("--out", help="JSON-lines file for Anserini / PISA.")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write.")],
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="anserini or pisa (JSON lines, integer impacts = weight x 100), elasticsearch or"
+            " opensearch (bulk NDJSON for a rank_features / sparse_vector field), qdrant (points"
+            " with a sparse vector).",
+        ),
+    ] = "anserini",
 ) -> None:
-    """Export to Anserini/PISA JSON-lines with integer impacts (weight x 100).
+    """Export the index for Anserini/PISA, Elasticsearch/OpenSearch or Qdrant (docs/scaling.md).
 
-    Example: [bold]lexvla index export --index index/ --out vectors.jsonl[/bold]
+    Example: [bold]lexvla index export --index index/ --format elasticsearch --out bulk.ndjson[/bold]
     """
-    from lexvla.index import SparseIndex, export_jsonl
+    from lexvla.index import EXPORT_FORMATS, SparseIndex, export_index
 
-    count = export_jsonl(SparseIndex.open(index), out)
-    console.print(f"wrote {count} documents to {out}")
+    if export_format not in EXPORT_FORMATS:  # before opening the index: the cheap mistake first
+        raise LexVLAError(
+            f"unknown export format {export_format!r}: use one of {', '.join(EXPORT_FORMATS)}"
+        )
+    count = export_index(SparseIndex.open(index), out, export_format)
+    console.print(f"wrote {count} documents to {out} ({export_format})")
 
 
 @app.command()
 def search(
-    index: Annotated[Path, typer.Argument(help="Index folder (from `lexvla index build`).")],
+    index: Annotated[
+        Path | None, typer.Argument(help="Index folder (from `lexvla index build`).")
+    ] = None,
     text: Annotated[str | None, typer.Option(help="Search by this text.")] = None,
     image: Annotated[Path | None, typer.Option(help="Search by this image.")] = None,
     k: Annotated[int, typer.Option("-k", help="Number of hits.")] = 10,
@@ -480,8 +524,10 @@ def search(
     model: Annotated[
         str | None, typer.Option(help="Query encoder (default: the index's model).")
     ] = None,
+    milvus: MilvusOption = None,
+    collection: CollectionOption = "lexvla",
 ) -> None:
-    """Search an index by text or image; steer the query word by word.
+    """Search an index (a folder, or --milvus URI) by text or image; steer the query word by word.
 
     Example: [bold]lexvla search index/ --text "a dog on a beach" -k 5 --explain --drop the --boost dog=2[/bold]
     """
@@ -491,6 +537,8 @@ def search(
         raise LexVLAError("give exactly one of --text TEXT or --image PATH")
     result = run_search(
         index,
+        milvus=milvus,
+        collection=collection,
         text=text,
         image=image,
         model=model,
@@ -521,7 +569,9 @@ def _print_search(result: dict) -> None:
 
 @app.command()
 def serve(
-    index: Annotated[Path, typer.Option("--index", help="Index folder to serve.")],
+    index: Annotated[Path | None, typer.Option("--index", help="Index folder to serve.")] = None,
+    milvus: MilvusOption = None,
+    collection: CollectionOption = "lexvla",
     model: Annotated[
         str | None, typer.Option(help="Query encoder (default: the index's model).")
     ] = None,
@@ -535,12 +585,24 @@ def serve(
     """The web app: search by text or image, see why each result matched, steer the query.
 
     Example: [bold]lexvla serve --index demo-output/index --model demo-output/run[/bold]
+    or [bold]lexvla serve --milvus http://127.0.0.1:19530 --collection photos[/bold]
     """
     from lexvla.serve.app import run
 
     if timeout <= 0:
         raise LexVLAError(f"--timeout must be > 0 seconds, got {timeout}")
-    run(index, model, host=host, port=port, max_upload_mb=max_upload_mb, timeout=timeout)
+    if (index is None) == (milvus is None):
+        raise LexVLAError("give exactly one of --index FOLDER or --milvus URI")
+    run(
+        index,
+        model,
+        host=host,
+        port=port,
+        max_upload_mb=max_upload_mb,
+        timeout=timeout,
+        milvus=milvus,
+        collection=collection,
+    )
 
 
 def main() -> None:

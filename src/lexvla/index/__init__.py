@@ -3,14 +3,18 @@
 - `SparseIndex`: embedded exact inverted index on disk (memory-mapped, atomic commits, deletions).
 - `build_index`: build or extend an index from a directory of corpus shards (resumable).
 - `shards`: the corpus shard format written by batch encoding (`write_shard`, `read_shard`, ...).
-- `export_jsonl`: Anserini / PISA JSON-lines export with integer impacts.
+- `LexicalIndex`: the interface the search engine and server use; `SparseIndex` and `MilvusIndex`
+  (`lexvla.index.milvus`, the `milvus` extra) implement it.
+- `export_index`: Anserini / PISA JSON lines (integer impacts), Elasticsearch / OpenSearch bulk NDJSON,
+  Qdrant sparse-vector points.
 """
 
 from __future__ import annotations
 
 from lexvla.index._io import vocab_hash
 from lexvla.index.build import build_index
-from lexvla.index.export import export_jsonl
+from lexvla.index.export import EXPORT_FORMATS, export_index, export_jsonl
+from lexvla.index.protocol import LexicalIndex
 from lexvla.index.shards import (
     Shard,
     ShardInfo,
@@ -26,12 +30,15 @@ from lexvla.index.shards import (
 from lexvla.index.sparse import Hit, SparseIndex
 
 __all__ = [
+    "EXPORT_FORMATS",
     "Hit",
+    "LexicalIndex",
     "Shard",
     "ShardInfo",
     "ShardManifest",
     "SparseIndex",
     "build_index",
+    "export_index",
     "export_jsonl",
     "init_shard_dir",
     "iter_shards",

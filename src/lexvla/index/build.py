@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def build_index(
         )
     with index._writing():
         latest, ops = index._latest_state()
-        _check_compatible(latest, shards, src, root, check_model)
+        check_compatible(latest, shards, src, f"the index {root}", check_model)
         done = dict(latest["sources"])
         done.update((op.source["name"], op.source["sha256"]) for op in ops if op.source)
         added = 0
@@ -73,17 +74,18 @@ def build_index(
     return index
 
 
-def _check_compatible(
-    latest: dict[str, Any], shards: ShardManifest, src: Path, root: Path, check_model: bool
+def check_compatible(
+    latest: Mapping[str, Any], shards: ShardManifest, src: Path, target: str, check_model: bool
 ) -> None:
-    """Refuse shards over another vocabulary, or (if `check_model`) from another model."""
+    """Refuse shards over another vocabulary than `latest` (an index manifest or a Milvus collection's
+    property, named `target` in messages), or (if `check_model`) from another model."""
     if latest["vocab_sha256"] != shards.vocab_sha256:
         raise LexVLAError(
-            f"{src} was encoded over another vocabulary (sha256 {shards.vocab_sha256[:12]}) than the"
-            f" index {root} ({latest['vocab_sha256'][:12]}); build a new index for it"
+            f"{src} was encoded over another vocabulary (sha256 {shards.vocab_sha256[:12]}) than"
+            f" {target} ({latest['vocab_sha256'][:12]}); build a new index for it"
         )
     if check_model and latest["model"] != shards.model:
         raise LexVLAError(
-            f"{src} was encoded by {shards.model}, the index {root} by {latest['model']};"
+            f"{src} was encoded by {shards.model}, {target} by {latest['model']};"
             " build a new index, or pass check_model=False if they are the same model"
         )

@@ -1,6 +1,7 @@
 """`SearchEngine`: a LexVLA model plus a sparse index, with readable, steerable queries.
 
     engine = SearchEngine.open("runs/coco-index")          # loads the model the index records
+    engine = SearchEngine.open(milvus="http://127.0.0.1:19530")   # the same over a Milvus collection
     query = engine.query_from_text("a dog on the beach").drop("beach").boost("dog", 2.0)
     for hit in engine.search(query, k=5):
         print(hit["score"], hit["key"], hit["words"][:3])
@@ -30,7 +31,7 @@ from lexvla.search.corpus import read_document_bytes, utf8_text
 from lexvla.search.query import Query
 
 if TYPE_CHECKING:
-    from lexvla.index import SparseIndex
+    from lexvla.index import LexicalIndex
     from lexvla.models.lexvla import LexVLA
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,12 @@ class SearchEngine:
 
     Args:
         model: the LexVLA model whose vocabulary the index uses.
-        index: an opened :class:`lexvla.index.SparseIndex`.
+        index: an opened :class:`lexvla.index.LexicalIndex` (a `SparseIndex` or a `MilvusIndex`).
         max_query_words: words kept in a query made from a text or an image (heaviest first, after
             the model's sparsification); 0 keeps all.
     """
 
-    def __init__(self, model: LexVLA, index: SparseIndex, *, max_query_words: int = 256) -> None:
+    def __init__(self, model: LexVLA, index: LexicalIndex, *, max_query_words: int = 256) -> None:
         self.model = model.eval()
         self.index = index
         self.vocab = model.vocab
@@ -60,29 +61,36 @@ class SearchEngine:
 
     @classmethod
     def open(
-        cls, index_path: str | Path, model: LexVLA | str | None = None, **kwargs: Any
+        cls,
+        index_path: str | Path | None = None,
+        model: LexVLA | str | None = None,
+        *,
+        milvus: str | None = None,
+        collection: str = "lexvla",
+        **kwargs: Any,
     ) -> SearchEngine:
         """Open an index and the model that encodes queries for it.
 
         Args:
-            index_path: a folder written by `lexvla index build`.
+            index_path: a folder written by `lexvla index build --out`.
             model: a model, or a preset / run / checkpoint name; None loads the model the index
-                manifest records.
+                records.
+            milvus: instead of `index_path`, a Milvus URI (a server or a Milvus Lite `.db` file)
+                holding `collection` (`lexvla index build --milvus`).
         """
-        from lexvla.index import SparseIndex
-        from lexvla.models.factory import create_model
+        if (index_path is None) == (milvus is None):
+            raise LexVLAError("give exactly one index: its folder, or a Milvus URI (--milvus URI)")
+        if milvus is None:
+            from lexvla.index import SparseIndex
 
-        index = SparseIndex.open(index_path)
-        if model is None:
-            name = (index.model_ref or {}).get("name")
-            if not name:
-                raise LexVLAError(
-                    f"the index {index_path} does not record which model encoded it: pass "
-                    "the model explicitly (--model PRESET|RUN|CHECKPOINT)"
-                )
-            model = name
-        if isinstance(model, str | Path):
-            model = create_model(model)
+            index: LexicalIndex = SparseIndex.open(index_path)
+            model = _load_model(model, index.model_ref, f"the index {index_path}")
+        else:
+            from lexvla.index.milvus import MilvusIndex
+
+            info = MilvusIndex.describe(milvus, collection=collection)
+            model = _load_model(model, info["model"], f"Milvus collection {collection!r}")
+            index = MilvusIndex.open(milvus, model.vocab.words, collection=collection)
         return cls(model, index, **kwargs)
 
     def __len__(self) -> int:
@@ -307,7 +315,21 @@ def _hit_dict(hit: Any, words: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def _check_same_vocabulary(words: tuple[str, ...], index: SparseIndex) -> None:
+def _load_model(model: LexVLA | str | Path | None, model_ref: dict[str, Any], where: str) -> LexVLA:
+    """`model` (a model or a name), or else the model the index records."""
+    from lexvla.models.factory import create_model
+
+    if model is None:
+        model = (model_ref or {}).get("name")
+        if not model:
+            raise LexVLAError(
+                f"{where} does not record which model encoded it: pass "
+                "the model explicitly (--model PRESET|RUN|CHECKPOINT)"
+            )
+    return create_model(model) if isinstance(model, str | Path) else model
+
+
+def _check_same_vocabulary(words: tuple[str, ...], index: LexicalIndex) -> None:
     index_words = list(index.vocab)
     if index_words != list(words):
         raise LexVLAError(

@@ -1,4 +1,4 @@
-"""One-shot search for the command line: `lexvla search INDEX --text ... [--boost w=2] [--drop w]`."""
+"""One-shot search for the command line: `lexvla search INDEX|--milvus URI --text ... [--boost w=2]`."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def parse_word_values(items: Sequence[str], option: str) -> dict[str, float]:
 
 
 def run_search(
-    index: str | Path,
+    index: str | Path | None = None,
     *,
+    milvus: str | None = None,
+    collection: str = "lexvla",
     text: str | None = None,
     image: str | Path | None = None,
     model: str | None = None,
@@ -46,20 +48,21 @@ def run_search(
     """Open an index, make a query from a text or an image, steer it, and search.
 
     Args:
-        index: the index folder.
+        index: the index folder; or
+        milvus, collection: a Milvus URI and the collection in it (`lexvla index build --milvus`).
         text, image: exactly one of them is the query.
         model: preset / run / checkpoint; None uses the model the index records.
         k: number of results.
         explain: add each hit's per-word explanation (`engine.explain`).
         drop: query words to remove; boost: `word=factor`; add: `word=weight`.
-        engine: an already opened engine (then `index` and `model` are ignored).
+        engine: an already opened engine (then `index`, `milvus` and `model` are ignored).
 
     Returns:
         `{"query": {"source", "words"}, "results": [hit dicts], "message": str | None}`.
     """
     if (text is None) == (image is None):
         raise LexVLAError("give exactly one of --text TEXT or --image PATH")
-    engine = engine or SearchEngine.open(index, model)
+    engine = engine or SearchEngine.open(index, model, milvus=milvus, collection=collection)
     query = engine.query_from_text(text) if text is not None else engine.query_from_image(image)
     query.edit(
         drop=drop,

@@ -280,11 +280,13 @@ def _add_document_routes(
 
 
 def run(
-    index: str | Path,
+    index: str | Path | None = None,
     model: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
+    milvus: str | None = None,
+    collection: str = "lexvla",
     max_upload_mb: float = 8,
     timeout: float = 60.0,
     log_level: str = "info",
@@ -292,14 +294,15 @@ def run(
     """Open the index and its model, then serve the page and API until interrupted.
 
     Args:
-        index: the index folder (`lexvla index build --out`).
+        index: the index folder (`lexvla index build --out`); or
+        milvus, collection: a Milvus URI and collection (`lexvla index build --milvus`).
         model: preset / run / checkpoint; None uses the model recorded in the index.
         host: the address to bind; keep 127.0.0.1 unless the machine's network is trusted.
         port: the TCP port.
     """
     import uvicorn
 
-    engine = SearchEngine.open(index, model)
+    engine = SearchEngine.open(index, model, milvus=milvus, collection=collection)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: anyone who can reach this address can search", host)
     app = create_app(engine, max_upload_mb=max_upload_mb, timeout=timeout)
