@@ -377,13 +377,24 @@ def evaluate_retrieval(
     enc = encode_retrieval_data(
         model, data, batch_size=batch_size, cache_dir=cache_dir, progress=progress
     )
+    return retrieval_metrics(enc, point, threshold, ks)
+
+
+def retrieval_metrics(
+    enc: Encodings,
+    point: OperatingPoint = "threshold",
+    threshold: float | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, Any]:
+    """The result of :func:`evaluate_retrieval` from dense encodings: sparsify at `point`, recall."""
     images = sparsify_weights(enc.image_weights, point, threshold)  # (N_i, V)
     texts = sparsify_weights(enc.text_weights, point, threshold)  # (N_t, V)
-    result = recall_from_weights(images, texts, data.text_to_image, ks)
-    result["chance"] = chance_recall(data.text_to_image, data.num_images, ks)
+    num_images = images.shape[0]
+    result = recall_from_weights(images, texts, enc.text_to_image, ks)
+    result["chance"] = chance_recall(enc.text_to_image, num_images, ks)
     result.update(
-        num_images=data.num_images,
-        num_texts=data.num_texts,
+        num_images=num_images,
+        num_texts=texts.shape[0],
         active_words={"image": active_words(images), "text": active_words(texts)},
         sparsify=describe_point(point, threshold, images.shape[-1]),
     )

@@ -322,21 +322,39 @@ def save(t: Trainer) -> None:
 
 
 def evaluate(t: Trainer) -> dict[str, Any]:
-    """Retrieval on the held-out images (if any); results are logged and kept in the state."""
+    """Retrieval and word quality on the validation images (if any); logged and kept in the state."""
     holdout = t.batches.holdout
     if holdout is None or len(holdout) == 0 or t.dist.rank != 0:
         return {}
-    from lexvla.eval.retrieval import evaluate_retrieval
+    from lexvla.train.validate import validate
 
+    cfg = t.cfg
+    text = cfg.model.text
+    frozen = cfg.model.vision.freeze and not text.use_lora and text.encoder == "llm"
+    use_tables = cfg.train.cache_features and frozen and not t.batches.streaming
     t.model.eval()
-    with torch.no_grad():
-        result = evaluate_retrieval(
-            t.model, holdout, batch_size=t.cfg.eval.batch_size, progress=False
-        )
+    result = validate(
+        t.model,
+        holdout,
+        tables_root=ckpt.feature_cache_root() if use_tables else None,
+        dtype=_FEATURE_DTYPES.get(cfg.train.feature_cache_dtype, torch.float16),
+        batch_size=cfg.eval.batch_size,
+    )
     t.model.train()
     t.state.eval_results = result
-    t.log.eval(t.state.step, {k: v for k, v in result.items() if isinstance(v, int | float)})
+    t.log.eval(t.state.step, _flat_numbers(result))
     return result
+
+
+def _flat_numbers(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested result as `a/b` keys (lists are left out)."""
+    flat: dict[str, float] = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            flat.update(_flat_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def finish(t: Trainer) -> None:
