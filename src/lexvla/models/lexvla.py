@@ -240,12 +240,17 @@ class LexVLA(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the LLM's activations in the backward pass (memory for time)."""
-        if enable:
-            self.text.llm.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        llm = self.text.llm
+        kwargs = {"use_reentrant": False}
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5: the old name warns
+            if enable:
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                llm.activation_checkpointing_disable()
+        elif enable:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
-            self.text.llm.gradient_checkpointing_disable()
+            llm.gradient_checkpointing_disable()
 
     # ----------------------------------------------------------------------------------- persistence
     def save_pretrained(self, path: str | Path) -> Path:
