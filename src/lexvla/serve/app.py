@@ -15,6 +15,9 @@ API (JSON; errors are `{"error": message}` with a 4xx/5xx status):
 - `POST /api/describe`: multipart `file` -> image words and per-patch words.
 - `GET  /api/vocab?prefix=do&limit=10`: autocomplete over the vocabulary.
 - `GET  /api/docs/{doc}`, `GET /api/docs/{doc}/thumbnail?size=256`: a document and its image.
+
+Request bodies: the two upload endpoints take up to `max_upload_mb`, every other path up to
+`max_json_kb` (256 KiB); a larger body answers 413 before it is read.
 """
 
 from __future__ import annotations
