@@ -1,6 +1,6 @@
 """Run every benchmark in bench/ (each in its own process) and print a summary of their reports.
 
-    .venv/bin/python bench/run_all.py                      # all, full size (about 15 minutes on 2 cores)
+    .venv/bin/python bench/run_all.py                      # all, full size (about 25 minutes on 2 cores)
     .venv/bin/python bench/run_all.py --quick              # small sizes, reports go to a temp folder
     .venv/bin/python bench/run_all.py --only train_step text_encoding
     .venv/bin/python bench/run_all.py --summary-only       # summarise the reports in bench/results
@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "index_search": ["--quick"],
     "serve_load": ["--quick"],
     "milvus_scale": ["--quick"],
+    "serve_soak": ["--quick"],
 }
 
 
@@ -143,6 +144,24 @@ def _milvus_scale(r: dict) -> list[str]:
     ]
 
 
+def _serve_soak(r: dict) -> list[str]:
+    res, inputs = r["results"], r["inputs"]
+    windows = res["windows"]
+    p50 = ", ".join(f"{w['p50_ms'] or 0:.0f}" for w in windows)
+    p99 = ", ".join(f"{w['p99_ms'] or 0:.0f}" for w in windows)
+    return [
+        f"{inputs['model']}, {inputs['clients']} clients, {len(windows)} x "
+        f"{inputs['window_seconds']:.0f} s: {res['requests']} requests, 5xx "
+        f"{res['server_errors_5xx']}, wrong {res['wrong']}, transport errors "
+        f"{res['transport_errors']}",
+        f"p50 per window (ms): {p50}",
+        f"p99 per window (ms): {p99}",
+        f"RSS {res['rss_mib_before_load'] or 0:.0f} MiB before load, growth after window 1 "
+        f"{res['rss_growth_after_first_window_mib']} MiB, {res['rss_mib_per_1000_requests']} MiB "
+        "per 1000 requests",
+    ]
+
+
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "text_encoding": _text_encoding,
     "train_step": _train_step,
@@ -151,6 +170,7 @@ SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "lexical_pool": _lexical_pool,
     "serve_load": _serve_load,
     "milvus_scale": _milvus_scale,
+    "serve_soak": _serve_soak,
 }
 
 

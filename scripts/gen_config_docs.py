@@ -56,6 +56,8 @@ def render() -> str:
         "Generated from `src/lexvla/config.py` by `scripts/gen_config_docs.py`; do not edit by hand.",
         "Override any field with `--set key=value` (values are JSON; plain strings need no quotes), e.g.",
         "`lexvla train --preset tiny --set train.steps=40 --set model.lexical.vocab_rule=word-start`.",
+        "A value outside its allowed range, or a float that is not finite, is refused when the config",
+        "is built, naming its key.",
         f"Presets: {', '.join(f'`{p}`' for p in list_presets())} (`lexvla presets`).",
         "",
     ]
@@ -80,6 +82,9 @@ def render() -> str:
                 r"typing\.", "", getattr(hints[f.name], "__name__", str(hints[f.name]))
             )
             meaning = comments.get(f.name, "").replace("|", "\\|")
+            allowed = config.RANGES.get(f"{prefix}.{f.name}")
+            if allowed is not None:
+                meaning = f"{meaning.rstrip('. ')}. Allowed: {allowed}.".lstrip(". ")
             shown = shown.replace("|", "\\|")
             lines.append(f"| `{prefix}.{f.name}` | {type_name} | `{shown}` | {meaning} |")
         lines.append("")

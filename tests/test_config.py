@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 
 from lexvla.config import (
+    RANGES,
+    SECTIONS,
     ExperimentConfig,
+    LexicalConfig,
     ModelConfig,
+    TrainConfig,
     apply_overrides,
     from_dict,
     load_config,
@@ -111,3 +117,87 @@ def test_configuration_reference_is_up_to_date():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.lr=0", "train.lr"),
+        ("train.lr=-1e-3", "train.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("eval.batch_size=0", "eval.batch_size"),
+        ("model.lexical.threshold=1", "model.lexical.threshold"),
+        ("model.lexical.threshold=-0.01", "model.lexical.threshold"),
+        ("loss.penalty_weight=-0.1", "loss.penalty_weight"),
+        ("loss.penalty_warmup_steps=-1", "loss.penalty_warmup_steps"),
+        ("train.warmup_steps=-5", "train.warmup_steps"),
+        ("model.lexical.top_k=0", "model.lexical.top_k"),
+        ("train.steps=-1", "train.steps"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps"),
+        ("model.text.lora_dropout=1.0", "model.text.lora_dropout"),
+        ("eval.recall_ks=[1,0,10]", "eval.recall_ks"),
+        ("model.vision.std=[0.2,0,0.2]", "model.vision.std"),
+        ("train.lr=NaN", "train.lr"),
+        ("model.logit_scale_init=Infinity", "model.logit_scale_init"),
+    ],
+)
+def test_values_outside_their_meaning_are_refused_naming_the_key(override, key):
+    with pytest.raises(LexVLAError, match=rf"'{re.escape(key)}' must be"):
+        apply_overrides(get_preset("tiny"), [override])
+    dotted, _, raw = override.partition("=")
+    section, _, name = dotted.rpartition(".")
+    data: dict = {}
+    node = data
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[name] = json.loads(raw)
+    with pytest.raises(LexVLAError, match=re.escape(key)):
+        from_dict(ExperimentConfig, data)
+
+
+def test_construction_checks_values_too():
+    with pytest.raises(LexVLAError, match=r"'train\.lr' must be > 0, got -1"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(LexVLAError, match=r"'model\.lexical\.threshold' must be in \[0, 1\)"):
+        LexicalConfig(threshold=1.5)
+    with pytest.raises(LexVLAError, match=r"'train\.batch_size'"):
+        dataclasses.replace(get_preset("tiny").train, batch_size=0)
+
+
+def test_the_edges_of_each_range_are_accepted():
+    cfg = apply_overrides(
+        get_preset("tiny"),
+        [
+            "model.lexical.threshold=0",
+            "model.lexical.threshold=0.999",
+            "loss.penalty_weight=0",
+            "loss.penalty_warmup_steps=0",
+            "train.warmup_steps=0",
+            "train.grad_clip=0",
+            "train.lr=1e-12",
+            "train.batch_size=1",
+            "model.lexical.top_k=1",
+        ],
+    )
+    assert cfg.model.lexical.threshold == 0.999 and cfg.train.lr == 1e-12
+
+
+def test_a_checkpoint_config_with_a_bad_value_names_file_and_key(tmp_path):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"lexical": {"top_k": 0}}))
+    with pytest.raises(LexVLAError, match=r"model\.json.*'model\.lexical\.top_k' must be >= 1"):
+        load_config(ModelConfig, path)
+
+
+def _nested_config_types(node: object) -> set[type]:
+    found = set()
+    for value in vars(node).values():
+        if dataclasses.is_dataclass(value):
+            found |= {type(value)} | _nested_config_types(value)
+    return found
+
+
+def test_every_range_rule_names_a_field_of_its_section():
+    assert set(SECTIONS) == _nested_config_types(ExperimentConfig())  # every section is checked
+    keys = {f"{s}.{f.name}" for cls, s in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert set(RANGES) <= keys, set(RANGES) - keys  # no rule for a renamed or removed field

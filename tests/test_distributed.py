@@ -33,6 +33,7 @@ def test_single_process_is_a_no_op(clean_env):
     x = torch.randn(3, 4)
     assert D.all_gather_with_grad(x) is x
     assert D.is_main_process()
+    assert D.any_rank(True, info.device) and not D.any_rank(False, info.device)
     D.barrier()
     D.cleanup()
 
@@ -115,6 +116,8 @@ def _worker(rank: int, port: int) -> None:
         torch.testing.assert_close(local.grad, WORLD * ref_images.grad[start:stop])
         half = D.all_gather_with_grad(images[start:stop].bfloat16())  # 16-bit over gloo
         assert half.dtype == torch.bfloat16 and torch.equal(half, images.bfloat16())
+        assert D.any_rank(rank == 1, info.device)  # one rank's flag reaches every rank
+        assert not D.any_rank(False, info.device)
         D.barrier()
     finally:
         D.cleanup()

@@ -163,7 +163,32 @@ def test_chunked_oversized_body_is_cut(served):
     response = client.post(
         "/api/search", content=chunks(), headers={"content-type": "application/json"}
     )
-    assert "MiB" in error_of(response, 413)
+    assert "256 KiB" in error_of(response, 413)  # the JSON limit: this is no upload endpoint
+
+
+def test_every_endpoint_has_a_body_limit(served):
+    from lexvla.serve.app import create_app
+
+    _, engine, _ = served
+    with TestClient(create_app(engine, max_upload_mb=1, max_json_kb=16)) as client:
+        long_text = "a dog on the grass " * 1000  # 19 KB of JSON
+        for method, path in [("POST", "/api/search"), ("POST", "/api/explain"),
+                             ("POST", "/api/grounding"), ("GET", "/api/info"),
+                             ("GET", "/api/docs/0"), ("POST", "/no/such/path")]:  # fmt: skip
+            response = client.request(method, path, json={"text": long_text, "doc": 0})
+            assert "16 KiB" in error_of(response, 413), (method, path)
+        chunked = client.post(
+            "/api/search",
+            content=(b" " * 4096 for _ in range(5)),
+            headers={"content-type": "application/json"},
+        )
+        assert "16 KiB" in error_of(chunked, 413)
+        fits = client.post("/api/search", json={"text": "a dog on the grass " * 600, "k": 3})
+        assert fits.status_code == 200 and len(fits.json()["results"]) == 3  # 11 KB: under it
+        upload = png_bytes() + b"\0" * 40_000  # trailing bytes after the PNG are ignored
+        assert len(upload) > 16 * 2**10  # uploads keep the upload limit
+        response = client.post("/api/search/image", files={"file": ("q.png", upload, "image/png")})
+        assert response.status_code == 200, response.text
 
 
 def test_bad_queries(served):

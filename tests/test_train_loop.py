@@ -1,10 +1,12 @@
 """End-to-end training on `tiny`: loss goes down, run folder layout, exact SIGKILL resume, corrupt data,
-and 2-process DDP (gloo) equal to one process."""
+2-process DDP (gloo) equal to one process, and the divergence guard (non-finite steps skipped, a
+streak of them stops the run)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,8 +20,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from lexvla.losses import LexVLAObjective
 from lexvla.presets import get_preset
-from lexvla.train.loop import fit
+from lexvla.train.loop import TrainingDivergedError, fit
 from lexvla.train.setup import experiment_config
 
 TRAIN = [sys.executable, "-m", "lexvla.train"]
@@ -244,3 +247,120 @@ def test_feature_table_resumes_from_its_chunks_and_reads_a_second_time(tmp_path)
     (tmp_path / "chunk_000001.safetensors").write_bytes(b"garbage")  # a damaged chunk is recomputed
     FeatureTable.build(tmp_path, 10, encode, chunk=4)
     assert [(c.start, c.stop) for c in calls] == [(4, 8)]
+
+
+# ---------------------------------------------------------------------------------- divergence guard
+class _Poisoned(LexVLAObjective):
+    """The objective, with a NaN loss at the 1-based steps in `NAN_LOSS` and a finite loss but a NaN
+    gradient (0 · sqrt'(0) on the temperature) at the steps in `NAN_GRAD`."""
+
+    NAN_LOSS: frozenset[int] = frozenset()
+    NAN_GRAD: frozenset[int] = frozenset()
+
+    def __call__(self, image, text, logit_scale, step, penalty_inputs=None):
+        out = super().__call__(image, text, logit_scale, step, penalty_inputs)
+        if step + 1 in self.NAN_LOSS:
+            out["loss"] = out["loss"] * float("nan")
+        if step + 1 in self.NAN_GRAD:
+            out["loss"] = out["loss"] + 0.0 * torch.sqrt(logit_scale - logit_scale.detach()).sum()
+        return out
+
+
+def _poison(monkeypatch, nan_loss=(), nan_grad=()) -> list[dict]:
+    """Make `fit` use _Poisoned; returns the per-step record (weights, AdamW step count) it fills."""
+    import lexvla.train.loop as loop
+
+    poisoned = type(
+        "P", (_Poisoned,), {"NAN_LOSS": frozenset(nan_loss), "NAN_GRAD": frozenset(nan_grad)}
+    )
+    monkeypatch.setattr(loop, "LexVLAObjective", poisoned)
+    record: list[dict] = []
+    original = loop.train_step
+
+    def recording_step(t, step):
+        metrics = original(t, step)
+        params = t.model.trainable_parameters()
+        adam = [float(s["step"]) for s in t.optimizer.state.values() if "step" in s]
+        record.append({"weights": {k: v.detach().clone() for k, v in params.items()}, "adam": adam})
+        return metrics
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    return record
+
+
+def test_nonfinite_steps_are_skipped_counted_and_logged_as_null(tmp_path, monkeypatch):
+    record = _poison(monkeypatch, nan_loss={3}, nan_grad={5})
+    cfg = _cfg("train.steps=7", "train.save_every=0", "train.grad_clip=0")
+    state = fit(cfg, tmp_path, progress=False)
+    assert state.step == 7 and state.nonfinite_steps == 2 and state.nonfinite_in_a_row == 0
+    for skipped in (3, 5):  # 1-based: record[i] holds the weights after step i + 1
+        for key, value in record[skipped - 1]["weights"].items():
+            assert torch.equal(value, record[skipped - 2]["weights"][key]), (skipped, key)
+    assert not torch.equal(record[3]["weights"]["logit_scale"], record[2]["weights"]["logit_scale"])
+    assert set(record[-1]["adam"]) == {5.0}  # AdamW made 5 updates in 7 steps
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line, parse_constant=_no_constants) for line in lines]  # strict JSON
+    assert [m["skipped_nonfinite"] for m in metrics] == [0, 0, 1, 0, 1, 0, 0]
+    assert metrics[2]["loss"] is None and metrics[2]["grad_norm"] is None
+    assert np.isfinite(metrics[4]["loss"]) and metrics[4]["grad_norm"] is None
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=_no_constants)
+    assert summary["nonfinite_steps"] == 2
+
+
+def _no_constants(name: str):
+    raise AssertionError(f"bare {name} in a JSON file")
+
+
+def test_divergence_stops_the_run_naming_step_loss_and_last_good_checkpoint(tmp_path, monkeypatch):
+    _poison(monkeypatch, nan_loss=set(range(5, 100)))
+    cfg = _cfg("train.steps=20", "train.save_every=2", "train.keep_checkpoints=5")
+    with pytest.raises(TrainingDivergedError) as caught:
+        fit(cfg, tmp_path, progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 10))  # stopped after 5 in a row: 5-9
+    message = str(caught.value)
+    assert "diverged at step 9" in message and "steps 5-9" in message
+    assert f"last finite loss: {metrics[3]['loss']:.6g} at step 4" in message
+    # Step 4's checkpoint holds the weights that gave step 5's NaN: the good one is step 2's.
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / 'step_0000002'}" in message
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert saved == ["step_0000002", "step_0000004"]  # none written during the streak
+    assert not (tmp_path / "model").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_a_diverging_lr_exits_with_status_2_and_no_model(tmp_path):
+    result = subprocess.run(
+        [*TRAIN, "--preset", "tiny", "--out", str(tmp_path), "--set", "train.lr=1e8",
+         "--set", "train.steps=15"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "training diverged at step" in result.stderr and "Traceback" not in result.stderr
+    assert "last finite loss" in result.stderr and "last good checkpoint" in result.stderr
+    assert not (tmp_path / "model").exists()
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=_no_constants)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_divergence(tmp_path):
+    if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 1),
+         "-m", "lexvla.train", "--preset", "tiny", "--out", str(tmp_path),
+         "--set", "train.lr=1e8", "--set", "train.steps=15", "--set", "train.batch_size=8"],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("training diverged at step") == 2, result.stderr[
+        -3000:
+    ]  # both ranks
+    single = subprocess.run(
+        [*TRAIN, "--preset", "tiny", "--out", str(tmp_path / "one"), "--set", "train.lr=1e8",
+         "--set", "train.steps=15", "--set", "train.batch_size=8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    where = re.compile(r"diverged at step \d+: steps \d+-\d+")
+    assert set(where.findall(result.stderr)) == set(where.findall(single.stderr)) != set()

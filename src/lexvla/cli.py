@@ -17,6 +17,7 @@ from rich.table import Table
 
 from lexvla import __version__
 from lexvla.errors import LexVLAError
+from lexvla.models._quiet import hide_known_warnings
 
 app = typer.Typer(
     name="lexvla",
@@ -95,6 +96,7 @@ def _main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    hide_known_warnings()  # third-party deprecations a user cannot act on (visible in tests)
 
 
 @app.command()

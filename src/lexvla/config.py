@@ -6,15 +6,18 @@ training and evaluation settings in :class:`ExperimentConfig`. Named presets liv
 :mod:`lexvla.presets`.
 
 Conversion is strict: an unknown key or a value of the wrong type raises :class:`LexVLAError` naming the
-dotted key, so a typo never silently falls back to a default.
+dotted key, so a typo never silently falls back to a default. Values are checked too, whenever a config
+is built: a float must be finite and a number must lie in its :data:`RANGES` entry (`train.lr` > 0, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,8 +33,17 @@ FEW_SHOT_PROMPT = (
 )
 
 
+class _Checked:
+    """Base of the config dataclasses: every instance is checked against :data:`RANGES` when it is
+    built (construction, `from_dict`, `apply_overrides`, presets), so a value outside its meaning is
+    refused with the dotted key that names it."""
+
+    def __post_init__(self) -> None:
+        check_values(self)
+
+
 @dataclass
-class VisionConfig:
+class VisionConfig(_Checked):
     """The frozen image backbone (DINOv2) and the trained adapter on top of it."""
 
     # HF hub name, local folder, or `offline:NAME` for a model prepared by `lexvla assets prepare`.
@@ -51,7 +63,7 @@ class VisionConfig:
 
 
 @dataclass
-class TextConfig:
+class TextConfig(_Checked):
     """The generative LLM that predicts a caption's words through an in-context prompt."""
 
     backbone: str = "meta-llama/Llama-2-7b-hf"  # HF hub name, local folder or `offline:NAME`
@@ -89,7 +101,7 @@ class TextConfig:
 
 
 @dataclass
-class LexicalConfig:
+class LexicalConfig(_Checked):
     """The shared vocabulary, the two codebooks and sparsification."""
 
     # "pieces" (▁?[a-z]{2,}), "word-start" (▁[a-z]{2,}) or "words" (word-start without stop words)
@@ -113,7 +125,7 @@ class LexicalConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Checked):
     """Everything needed to rebuild a LexVLA model; saved as `config.json` in each checkpoint."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -125,7 +137,7 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(_Checked):
     """The training objective: symmetric InfoNCE plus a sparsity penalty."""
 
     penalty: str = "overuse"  # "overuse" | "overuse-square" | "flops" | "none"
@@ -138,7 +150,7 @@ class LossConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Checked):
     """Training data: a path whose format is detected (COCO/Karpathy JSON, CSV/TSV, tar shards, synthetic)."""
 
     path: str = (
@@ -156,7 +168,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Checked):
     """Optimisation and run settings."""
 
     steps: int = 100  # optimiser steps
@@ -183,10 +195,13 @@ class TrainConfig:
     seed: int = 0  # data order, caption choice and dropout are functions of (seed, step)
     device: str = "auto"  # "auto" (the local CUDA device under torchrun, else CPU), "cpu", "cuda:1"
     distributed: str = "ddp"  # "ddp" | "fsdp"
+    # A step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; after this many
+    # in a row the run stops with an error naming the last finite loss and the last good checkpoint.
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Checked):
     """Evaluation settings."""
 
     batch_size: int = 32  # encoding batch
@@ -347,3 +362,105 @@ def _split_override(text: str) -> tuple[str, Any]:
     except RecursionError:
         raise LexVLAError(f"override '{key}': the value is nested too deeply") from None
     return key.strip(), value
+
+
+# ----------------------------------------------------------------------------------- value ranges
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a number (of each item, for a tuple field): `low` up to `high`."""
+
+    low: float
+    high: float = math.inf
+    low_included: bool = True
+    high_included: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_included else value > self.low
+        below = value <= self.high if self.high_included else value < self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if math.isinf(self.high):
+            return f"{'>=' if self.low_included else '>'} {self.low:g}"
+        opening, closing = "[" if self.low_included else "(", "]" if self.high_included else ")"
+        return f"in {opening}{self.low:g}, {self.high:g}{closing}"
+
+
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, low_included=False)
+FRACTION = Range(0, 1)  # [0, 1)
+
+# Where each config class sits in an ExperimentConfig (the dotted keys of --set and of errors).
+SECTIONS: dict[type, str] = {
+    VisionConfig: "model.vision",
+    TextConfig: "model.text",
+    LexicalConfig: "model.lexical",
+    ModelConfig: "model",
+    LossConfig: "loss",
+    DataConfig: "data",
+    TrainConfig: "train",
+    EvalConfig: "eval",
+}
+
+# Numeric fields whose meaning bounds them. Every float value of any config must also be finite.
+RANGES: dict[str, Range] = {
+    "model.vision.image_size": AT_LEAST_1,
+    "model.vision.resize_size": AT_LEAST_1,
+    "model.vision.std": POSITIVE,
+    "model.vision.adapter_heads": AT_LEAST_0,
+    "model.vision.adapter_mlp_ratio": POSITIVE,
+    "model.text.max_caption_tokens": AT_LEAST_1,
+    "model.text.lora_rank": AT_LEAST_1,
+    "model.text.lora_alpha": POSITIVE,
+    "model.text.lora_dropout": FRACTION,
+    "model.text.head_mlp_ratio": POSITIVE,
+    "model.lexical.pool_chunk_size": AT_LEAST_1,
+    "model.lexical.threshold": FRACTION,
+    "model.lexical.top_k": AT_LEAST_1,
+    "model.lexical.index_max_words": AT_LEAST_0,
+    "model.logit_scale_init": POSITIVE,
+    "model.logit_scale_max": POSITIVE,
+    "loss.penalty_weight": AT_LEAST_0,
+    "loss.penalty_warmup_steps": AT_LEAST_0,
+    "data.holdout": AT_LEAST_0,
+    "data.captions_per_image": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0,
+    "data.synthetic_size": AT_LEAST_1,
+    "train.steps": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.grad_accum": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.codebook_lr": AT_LEAST_0,
+    "train.weight_decay": AT_LEAST_0,
+    "train.warmup_steps": AT_LEAST_0,
+    "train.grad_clip": AT_LEAST_0,
+    "train.log_every": AT_LEAST_1,
+    "train.eval_every": AT_LEAST_0,
+    "train.save_every": AT_LEAST_0,
+    "train.keep_checkpoints": AT_LEAST_0,
+    "train.max_nonfinite_steps": AT_LEAST_1,
+    "eval.batch_size": AT_LEAST_1,
+    "eval.recall_ks": AT_LEAST_1,
+}
+
+
+def check_values(cfg: Any) -> None:
+    """Refuse a non-finite float or a number outside its :data:`RANGES` entry, naming the dotted key."""
+    section = SECTIONS.get(type(cfg), type(cfg).__name__)
+    for name, value in _numbers(cfg):
+        key = f"{section}.{name}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LexVLAError(f"config key '{key}' must be a finite number, got {value!r}")
+        allowed = RANGES.get(key)
+        if allowed is not None and value not in allowed:
+            raise LexVLAError(f"config key '{key}' must be {allowed}, got {value!r}")
+
+
+def _numbers(cfg: Any) -> Iterator[tuple[str, float]]:
+    """(field name, number) of each numeric field of `cfg`, once per item of a tuple field."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, int | float) and not isinstance(item, bool):
+                yield f.name, item

@@ -9,6 +9,7 @@ The driver is bench/serve_load.py (whose full run records the figures in bench/r
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -107,3 +108,23 @@ def test_serve_under_load(server) -> None:
         f"{figures['requests_per_second']} req/s, p50 {figures['latency']['p50_ms']} ms, "
         f"p99 {figures['latency']['p99_ms']} ms"
     )
+
+
+@pytest.mark.slow
+def test_soak_mix_in_short_windows(server) -> None:
+    """bench/serve_soak.py's mix (every endpoint, answers known in advance) and its window loop, for
+    two short windows: no 5xx, no wrong answer, the server's memory read after each window."""
+    import serve_soak
+
+    port, engine, images = server
+    plans = serve_soak.soak_plans(engine, [p.read_bytes() for p in images[:3]], 0.5)
+    figures = serve_soak.soak(
+        port, os.getpid(), plans, clients=4, windows=2, window_seconds=4.0, max_requests=3000
+    )
+    rows = figures["windows"]
+    assert [r["server_errors_5xx"] + r["transport_errors"] + r["wrong"] for r in rows] == [0, 0], (
+        rows
+    )
+    sent = {kind for r in rows for kind in r["kinds"]}
+    assert {"explain", "grounding", "vocab", "thumbnail", "describe", "json-too-large"} <= sent
+    assert all(r["rss_mib"] and r["rss_mib"] > 0 for r in rows)

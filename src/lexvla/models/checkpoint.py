@@ -3,7 +3,8 @@
 A checkpoint folder holds `config.json` (the ModelConfig plus format metadata), `model.safetensors`
 (the trained parameters only), `vocab.json` (the lexical vocabulary, checked on load) and a model card
 `README.md`. Folders are written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written checkpoint under the final name.
+half-written checkpoint under the final name. A checkpoint with a NaN or inf weight is never written,
+and one is refused on load.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "lexvla-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+DIVERGED_FIX = "the training diverged: train again with a lower train.lr"
+NONFINITE_FILE_FIX = "the run that wrote it diverged: use an earlier checkpoint"
 
 
 def save_model(model: LexVLA, path: str | Path) -> Path:
@@ -55,6 +58,7 @@ def write_model_files(
     if tensors is None:
         tensors = model.trainable_parameters()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    require_finite(tensors, "not writing a checkpoint of these weights", DIVERGED_FIX)
     save_file(tensors, folder / WEIGHTS, metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
@@ -142,6 +146,7 @@ def load_trained_weights(model: LexVLA, weights_file: Path) -> None:
             f"{weights_file} is a checkpoint of another architecture: "
             f"unexpected keys {unexpected[:5]}, missing keys {missing[:5]}"
         )
+    require_finite(state, f"cannot load {weights_file}", NONFINITE_FILE_FIX)
     for name, param in expected.items():
         if state[name].shape != param.shape:
             raise LexVLAError(
@@ -150,6 +155,18 @@ def load_trained_weights(model: LexVLA, weights_file: Path) -> None:
             )
         with torch.no_grad():
             param.copy_(state[name].to(param.dtype))
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Refuse tensors holding a NaN or an infinity: `LexVLAError("{what}: NaN or inf in ...; {fix}")`."""
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise LexVLAError(f"{what}: NaN or inf values in {listed}; {fix}")
 
 
 def _check_vocab(vocab: LexicalVocabulary, folder: Path) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lexvla.config import ModelConfig
 from lexvla.data.transforms import ImageProcessor
+from lexvla.errors import LexVLAError
 from lexvla.layers.lexical import SparseLexical, sparsify, to_sparse
 from lexvla.models.text import TextTower
 from lexvla.models.tokenizer import load_tokenizer
@@ -57,6 +58,18 @@ def _trainable_part(name: str) -> str:
     if ".affine." in name:
         return "logit_affine"
     return {"vision.codebook": "image_codebook", "logit_scale": "logit_scale"}.get(name, "other")
+
+
+def _finite(weights: Tensor, modality: str) -> Tensor:
+    """`weights`, or an error when a vector holds NaN or inf (an empty answer would hide it)."""
+    bad = ~torch.isfinite(weights).all(dim=-1)
+    if bool(bad.any()):
+        raise LexVLAError(
+            f"the model's {modality} vectors are not finite (NaN or inf) for {int(bad.sum())} of "
+            f"{len(bad)} inputs: its weights are damaged or its training diverged; use another "
+            "checkpoint"
+        )
+    return weights
 
 
 class LexVLA(nn.Module):
@@ -136,12 +149,12 @@ class LexVLA(nn.Module):
         if features is None:
             features = self.encode_image_features(images, crop=crop)
         image_weights, patch_weights = self.vision(features.to(self.device), return_patches)
-        return ImageEncoding(image_weights, patch_weights)
+        return ImageEncoding(_finite(image_weights, "image"), patch_weights)
 
     def encode_text(self, texts: str | Sequence[str]) -> TextEncoding:
         """Captions -> (B, V) lexical weights through the in-context prompt."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return TextEncoding(self.text(self.text.forward_features(texts)))
+        return TextEncoding(_finite(self.text(self.text.forward_features(texts)), "text"))
 
     def forward(
         self,
@@ -227,12 +240,17 @@ class LexVLA(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the LLM's activations in the backward pass (memory for time)."""
-        if enable:
-            self.text.llm.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        llm = self.text.llm
+        kwargs = {"use_reentrant": False}
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5: the old name warns
+            if enable:
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                llm.activation_checkpointing_disable()
+        elif enable:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
-            self.text.llm.gradient_checkpointing_disable()
+            llm.gradient_checkpointing_disable()
 
     # ----------------------------------------------------------------------------------- persistence
     def save_pretrained(self, path: str | Path) -> Path:

@@ -15,6 +15,9 @@ API (JSON; errors are `{"error": message}` with a 4xx/5xx status):
 - `POST /api/describe`: multipart `file` -> image words and per-patch words.
 - `GET  /api/vocab?prefix=do&limit=10`: autocomplete over the vocabulary.
 - `GET  /api/docs/{doc}`, `GET /api/docs/{doc}/thumbnail?size=256`: a document and its image.
+
+Request bodies: the two upload endpoints take up to `max_upload_mb`, every other path up to
+`max_json_kb` (256 KiB); a larger body answers 413 before it is read.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from lexvla.search import SearchEngine
 from lexvla.search.corpus import utf8_text
 from lexvla.search.encode import clean_error
 from lexvla.search.engine import EMPTY_QUERY_MESSAGE
-from lexvla.serve.limits import BodySizeLimit, Worker
+from lexvla.serve.limits import JSON_MAX_BYTES, BodySizeLimit, Worker
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 PRIVATE_METADATA = ("path", "tar", "member")  # server file locations stay on the server
 MAX_K = 100
+UPLOAD_PATHS = ("/api/search/image", "/api/describe")  # multipart uploads; all else is JSON or GET
 
 
 class SearchRequest(BaseModel):
@@ -75,14 +79,16 @@ def create_app(
     max_upload_mb: float = 8,
     timeout: float = 60.0,
     thumbnail_cache: int = 512,
+    max_json_kb: float = JSON_MAX_BYTES / 2**10,
 ) -> FastAPI:
     """The FastAPI app over `engine`.
 
     Args:
         engine: the search engine (model + index).
-        max_upload_mb: the largest request body accepted (uploads); larger answers 413.
+        max_upload_mb: the largest upload accepted (the `UPLOAD_PATHS`); larger answers 413.
         timeout: seconds a request may spend in the model or index before it answers 504.
         thumbnail_cache: how many encoded thumbnails to keep in memory.
+        max_json_kb: the largest request body accepted by every other endpoint; larger answers 413.
     """
     worker = Worker(timeout)
     max_bytes = int(max_upload_mb * 2**20)
@@ -94,7 +100,12 @@ def create_app(
 
     app = FastAPI(title="LexVLA search", lifespan=lifespan, docs_url="/api/docs-ui")
     app.state.engine = engine
-    app.add_middleware(BodySizeLimit, max_bytes=max_bytes + 64 * 1024)  # + multipart framing
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=max_bytes + 64 * 1024,  # + multipart framing
+        json_max_bytes=int(max_json_kb * 2**10),
+        upload_paths=UPLOAD_PATHS,
+    )
     _add_error_handlers(app)
     _add_search_routes(app, engine, worker, max_bytes)
     _add_document_routes(app, engine, worker, thumbnail_cache)

@@ -1,8 +1,9 @@
-"""Request guards for the local search server: a body-size limit and a per-request time limit.
+"""Request guards for the local search server: body-size limits and a per-request time limit.
 
-The body limit is a plain ASGI middleware, so it refuses an oversized upload from its Content-Length
-before any of it is read, and stops a chunked upload as soon as it passes the limit, whatever the
-FastAPI version.
+The body limits are a plain ASGI middleware, so it refuses an oversized body from its Content-Length
+before any of it is read, and stops a chunked one as soon as it passes the limit, whatever the FastAPI
+version. Every endpoint has a limit: the upload endpoints the upload limit, all others the (much
+smaller) JSON limit.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -20,52 +21,73 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 T = TypeVar("T")
 
 
+JSON_MAX_BYTES = 256 * 2**10  # a text query or a word list is a few KiB
+
+
 class BodyTooLarge(HTTPException):
     """Raised while reading a request body that passes the limit (FastAPI re-raises HTTPException)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, detail=_too_large_message(limit))
+    def __init__(self, message: str) -> None:
+        super().__init__(413, detail=message)
 
 
-def _too_large_message(limit: int) -> str:
+def _too_large_message(limit: int, upload: bool) -> str:
+    if upload:
+        return (
+            f"the request is larger than the server's limit of {limit / 2**20:.1f} MiB: "
+            "upload a smaller image (resize or re-compress it)"
+        )
     return (
-        f"the request is larger than the server's limit of {limit / 2**20:.1f} MiB: "
-        "upload a smaller image (resize or re-compress it)"
+        f"the request body is larger than the server's limit of {limit / 2**10:.0f} KiB for this "
+        "endpoint: send a shorter text or fewer words"
     )
 
 
 class BodySizeLimit:
-    """ASGI middleware: answer 413 (JSON) for request bodies above `max_bytes`."""
+    """ASGI middleware: answer 413 (JSON) for a request body above its limit: `max_bytes` on the
+    `upload_paths`, `json_max_bytes` on every other path."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        *,
+        json_max_bytes: int = JSON_MAX_BYTES,
+        upload_paths: Collection[str] = (),
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.json_max_bytes = json_max_bytes
+        self.upload_paths = frozenset(upload_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = scope.get("path") in self.upload_paths
+        limit = self.max_bytes if upload else self.json_max_bytes
+        message = _too_large_message(limit, upload)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"").decode("latin-1").strip()
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_json(send, 413, {"error": _too_large_message(self.max_bytes)})
+        if declared.isdigit() and int(declared) > limit:
+            await _send_json(send, 413, {"error": message})
             return
         received = 0
         started = False
 
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
+            message_in = await receive()
+            if message_in["type"] == "http.request":
+                received += len(message_in.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(message)
+            return message_in
 
-        async def tracking_send(message: Message) -> None:
+        async def tracking_send(message_out: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+            started = started or message_out["type"] == "http.response.start"
+            await send(message_out)
 
         try:
             await self.app(scope, limited_receive, tracking_send)

@@ -19,7 +19,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lexvla.errors import LexVLAError
-from lexvla.models.checkpoint import atomic_dir, load_trained_weights, write_model_files
+from lexvla.models.checkpoint import (
+    DIVERGED_FIX,
+    NONFINITE_FILE_FIX,
+    atomic_dir,
+    load_trained_weights,
+    require_finite,
+    write_model_files,
+)
 from lexvla.models.lexvla import LexVLA
 
 logger = logging.getLogger(__name__)
@@ -88,6 +95,8 @@ def save_checkpoint(
     folder = run_dir / "checkpoints" / f"step_{step:07d}"
     weights = full_trainable_state(model)
     tensors, groups = _optimizer_tensors(model, optimizer)
+    # On every rank (all hold the whole tensors): all raise together, none waits for the writer.
+    require_finite({**weights, **tensors}, f"not writing the checkpoint {folder}", DIVERGED_FIX)
     if not is_writer:
         return folder
     with atomic_dir(folder) as tmp:
@@ -165,6 +174,7 @@ def _load_optimizer(folder: Path, model: LexVLA, optimizer: torch.optim.Optimize
         raise LexVLAError(
             f"{folder / OPTIMIZER} is not a valid safetensors file ({err}); cannot resume from it"
         ) from None
+    require_finite(tensors, f"cannot resume from {folder / OPTIMIZER}", NONFINITE_FILE_FIX)
     state = _read_state(folder)
     params = model.trainable_parameters()
     for name, param in params.items():

@@ -116,6 +116,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is set on at least one rank (a MAX all-reduce of one number), so every rank
+    takes the same branch; `flag` itself in a single process."""
+    if not _active():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def cleanup() -> None:
     """Leave the process group, if any. `fit` calls it only after success (destroying the group
     while another rank is still in a collective can hang). No extra barrier here: a barrier right

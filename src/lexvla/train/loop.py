@@ -6,12 +6,17 @@ checkpoint of step `s` continues exactly as the uninterrupted run would have.
 Under DDP, `train.batch_size` is the GLOBAL batch: rank r takes every world_size-th sample of it, the
 lexical vectors are gathered (with gradient) and the loss and its penalties use the global batch, so one
 process and N processes compute the same loss and the same update.
+
+Divergence guard: a step whose loss or total gradient norm is not finite (on any rank: the ranks agree
+through one all-reduce) makes no update and is counted; `train.max_nonfinite_steps` such steps in a row
+stop the run with :class:`TrainingDivergedError`, naming the step, the last finite loss and the last good
+checkpoint. Checkpoints are not written during such a streak (and never with non-finite values).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,7 @@ from lexvla.train.batches import BatchSource
 from lexvla.train.distributed import (
     DistInfo,
     all_gather_with_grad,
+    any_rank,
     barrier,
     cleanup,
     init_distributed,
@@ -42,9 +48,13 @@ from lexvla.train.features import (
     text_feature_table,
 )
 from lexvla.train.optim import create_optimizer, create_scheduler
-from lexvla.train.runlog import RunLogger
+from lexvla.train.runlog import RunLogger, strict_json
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(LexVLAError):
+    """`train.max_nonfinite_steps` steps in a row had a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -53,6 +63,9 @@ class TrainState:
 
     step: int = 0
     skipped_samples: int = 0
+    nonfinite_steps: int = 0  # steps skipped (no update) for a non-finite loss or gradient norm
+    nonfinite_in_a_row: int = 0  # the current streak of them
+    last_finite: tuple[int, float] | None = None  # (step, loss) of the newest step that was applied
     metrics: dict[str, float] = field(default_factory=dict)
     eval_results: dict[str, Any] = field(default_factory=dict)
 
@@ -231,19 +244,25 @@ def run_steps(t: Trainer) -> None:
         metrics["time/step_s"] = time.perf_counter() - start
         metrics["lr"] = t.scheduler.get_last_lr()[0]
         t.state.metrics = metrics
+        skipped = _track_nonfinite(t, metrics)
         t.log.step(
             t.state.step,
             metrics,
-            log=t.state.step % cfg.log_every == 0 or t.state.step == cfg.steps,
+            log=skipped or t.state.step % cfg.log_every == 0 or t.state.step == cfg.steps,
         )
-        if cfg.save_every and t.state.step % cfg.save_every == 0 and t.state.step < cfg.steps:
+        if t.state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise TrainingDivergedError(_divergence_message(t))
+        if skipped or t.state.step >= cfg.steps:
+            continue  # no checkpoint or evaluation of weights that just gave a non-finite step
+        if cfg.save_every and t.state.step % cfg.save_every == 0:
             save(t)
-        if cfg.eval_every and t.state.step % cfg.eval_every == 0 and t.state.step < cfg.steps:
+        if cfg.eval_every and t.state.step % cfg.eval_every == 0:
             evaluate(t)
 
 
 def train_step(t: Trainer, step: int) -> dict[str, float]:
-    """One optimiser step (with gradient accumulation) on the batch of `step`."""
+    """One optimiser step (with gradient accumulation) on the batch of `step`; no update when the
+    loss or the gradient norm is not finite on some rank (then `skipped_nonfinite` is 1)."""
     torch.manual_seed(t.cfg.train.seed * 1_000_003 + step)  # dropout etc.: a function of the step
     batch = t.batches.batch(step)
     t.state.skipped_samples = t.batches.skipped
@@ -255,14 +274,67 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
         (losses["loss"] / accum).backward()
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
-    if t.cfg.train.grad_clip > 0:
-        params = list(t.model.trainable_parameters().values())
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.cfg.train.grad_clip))
-    t.optimizer.step()
-    t.scheduler.step()
+    totals["grad_norm"] = _grad_norm(t)
+    finite = math.isfinite(totals["loss"]) and math.isfinite(totals["grad_norm"])
+    finite = not any_rank(not finite, t.dist.device)  # every rank skips, or none does
+    if finite:
+        t.optimizer.step()
+    t.scheduler.step()  # the schedule follows the step number, applied or skipped
     t.optimizer.zero_grad(set_to_none=True)
     totals["samples"] = float(len(batch) * t.dist.world_size)
+    totals["skipped_nonfinite"] = 0.0 if finite else 1.0
     return totals
+
+
+def _grad_norm(t: Trainer) -> float:
+    """The total gradient norm of the trained parameters, clipping them to `train.grad_clip` if on."""
+    params = list(t.model.trainable_parameters().values())
+    if t.cfg.train.grad_clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, t.cfg.train.grad_clip))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _track_nonfinite(t: Trainer, metrics: dict[str, float]) -> bool:
+    """Count a skipped step and its streak, or remember an applied step's loss; True when skipped."""
+    state = t.state
+    if not metrics["skipped_nonfinite"]:
+        state.nonfinite_in_a_row = 0
+        state.last_finite = (state.step, metrics["loss"])
+        return False
+    state.nonfinite_steps += 1
+    state.nonfinite_in_a_row += 1
+    if t.dist.rank == 0:
+        logger.warning(
+            "step %d skipped: loss %s, gradient norm %s (%d in a row; the run stops at %d)",
+            state.step,
+            metrics["loss"],
+            metrics["grad_norm"],
+            state.nonfinite_in_a_row,
+            t.cfg.train.max_nonfinite_steps,
+        )
+    return True
+
+
+def _divergence_message(t: Trainer) -> str:
+    state = t.state
+    first = state.step - state.nonfinite_in_a_row + 1
+    last = (
+        f"{state.last_finite[1]:.6g} at step {state.last_finite[0]}"
+        if state.last_finite
+        else "none in this run"
+    )
+    # The checkpoint of step first-1 holds the weights that gave the first non-finite loss.
+    good = [path for step, path in ckpt.checkpoint_steps(t.run_dir) if step < first - 1]
+    where = f"{good[-1]} (resume from it: move newer checkpoints away)" if good else "none"
+    fix = f"lower train.lr (now {t.cfg.train.lr:g})"
+    fix += " or set train.grad_clip > 0" if t.cfg.train.grad_clip == 0 else ""
+    return (
+        f"training diverged at step {state.step}: steps {first}-{state.step} had a non-finite loss "
+        f"or gradient norm ({state.nonfinite_in_a_row} in a row, train.max_nonfinite_steps="
+        f"{t.cfg.train.max_nonfinite_steps}); last finite loss: {last}; last good checkpoint: "
+        f"{where}. To fix: {fix}"
+    )
 
 
 def _autocast(t: Trainer) -> torch.autocast:
@@ -315,7 +387,10 @@ def save(t: Trainer) -> None:
         t.optimizer,
         t.scheduler,
         keep=t.cfg.train.keep_checkpoints,
-        extra={"skipped_samples": t.state.skipped_samples},
+        extra={
+            "skipped_samples": t.state.skipped_samples,
+            "nonfinite_steps": t.state.nonfinite_steps,
+        },
         is_writer=t.dist.rank == 0,
     )
     barrier()
@@ -367,12 +442,13 @@ def finish(t: Trainer) -> None:
         "steps": t.state.step,
         "skipped_samples": t.state.skipped_samples,
         "skipped_files": sorted(t.batches.skipped_files)[:100],
+        "nonfinite_steps": t.state.nonfinite_steps,
         "final_metrics": t.state.metrics,
         "eval": t.state.eval_results,
         "trainable_parameters": t.model.num_trainable(),
         "world_size": t.dist.world_size,
     }
-    ckpt.write_text_atomic(t.run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    ckpt.write_text_atomic(t.run_dir / "summary.json", strict_json(summary, indent=2))
     if t.state.skipped_samples:
         logger.warning(
             "skipped %d unreadable samples (listed in summary.json)", t.state.skipped_samples

@@ -2,12 +2,15 @@
 
 `metrics.jsonl` holds one JSON object per logged step with at least `step` and `loss`. On resume, lines
 of steps after the resumed checkpoint are dropped first, so a resumed run never logs a step twice.
+It is strict JSON: a non-finite value (a NaN loss) is written as `null`, never as a bare `NaN`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any
@@ -72,7 +75,7 @@ class RunLogger:
             logger.info("step %d eval: %s", step, json.dumps(results))
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record, default=float) + "\n")
+        self.file.write(strict_json(record) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():
@@ -87,6 +90,26 @@ class RunLogger:
         if self.tb is not None:
             self.tb.close()
         self.file.close()
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` that writes NaN and ±inf as `null` (bare `NaN` is not JSON) and numbers of other
+    types (numpy, tensors) as floats."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, default=_number, **kwargs)
+
+
+def _number(value: Any) -> float | None:
+    return _finite_or_none(float(value))
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def _step_of(line: str) -> int:
