@@ -177,3 +177,36 @@ def test_penalties_on_unit_vectors_cannot_reward_sparsity():
     assert overuse_penalty(dense).item() == pytest.approx(1 / math.sqrt(V), rel=1e-5)
     assert overuse_penalty(distinct_one_hots).item() == pytest.approx(1 / B)
     assert overuse_penalty(dense) < overuse_penalty(distinct_one_hots)
+
+
+def test_caption_word_loss_is_cross_entropy_of_the_mass_share():
+    from lexvla.losses import caption_word_loss
+
+    activations = torch.tensor([[1.0, 3.0, 4.0], [2.0, 2.0, 4.0]])
+    targets = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])  # the second row has no target
+    expected = -(0.5 * math.log(1 / 8) + 0.5 * math.log(3 / 8))
+    assert caption_word_loss(activations, targets).item() == pytest.approx(expected)
+    # all mass on the targeted words: the loss is the entropy of the target (its minimum)
+    sharp = torch.tensor([[5.0, 5.0, 1e-9]])
+    assert caption_word_loss(sharp, targets[:1]).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert caption_word_loss(activations, torch.zeros(2, 3)).item() == 0.0
+
+
+def test_objective_adds_the_weighted_caption_word_loss():
+    from lexvla.losses import caption_word_loss
+
+    torch.manual_seed(0)
+    image, text = torch.rand(4, 6) + 0.1, torch.rand(4, 6) + 0.1
+    targets = torch.softmax(torch.randn(4, 6), dim=-1)
+    objective = LexVLAObjective(LossConfig(penalty="none", caption_words_weight=0.5))
+    out = objective(
+        F.normalize(image, dim=-1),
+        F.normalize(text, dim=-1),
+        torch.tensor([10.0]),
+        0,
+        word_targets=targets,
+        activations=(image, text),
+    )
+    words = caption_word_loss(image, targets) + caption_word_loss(text, targets)
+    assert out["caption_word_loss"].item() == pytest.approx(words.item())
+    assert out["loss"].item() == pytest.approx((out["contrastive_loss"] + 0.5 * words).item())

@@ -147,6 +147,9 @@ class LossConfig(_Checked):
     # normalisation, as SPLADE's FLOPs). On unit vectors neither penalty can reward sparsity
     # (docs/results.md, experiment 1).
     penalty_on: str = "weights"
+    # Weight of the caption-word loss (losses.caption_word_loss): image and text vectors are pulled
+    # towards the content words of the image's captions. 0: off (the paper trains contrastively only).
+    caption_words_weight: float = 0.0
 
 
 @dataclass
@@ -422,6 +425,7 @@ RANGES: dict[str, Range] = {
     "model.logit_scale_init": POSITIVE,
     "model.logit_scale_max": POSITIVE,
     "loss.penalty_weight": AT_LEAST_0,
+    "loss.caption_words_weight": AT_LEAST_0,
     "loss.penalty_warmup_steps": AT_LEAST_0,
     "data.holdout": AT_LEAST_0,
     "data.captions_per_image": AT_LEAST_1,

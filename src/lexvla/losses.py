@@ -103,6 +103,25 @@ def overuse_penalty(weights: Tensor, form: str = "share") -> Tensor:
     raise ValueError(f"unknown overuse form {form!r}: use 'share' or 'square'")
 
 
+def caption_word_loss(activations: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy between soft word targets and each vector's share of its activation mass.
+
+    `share_j = a_j / sum_k a_k` of the (B, V) non-negative activations; `targets` (B, V) are rows that
+    sum to 1 (the words of an image's captions, weighted by how many captions use them) or all zeros
+    (no target: the row is left out). `-sum_j t_j log share_j` is lowest when the targeted words carry
+    the whole mass: it pulls the caption's words up and every other word down, towards vectors whose
+    few heavy words are the ones people use for the image. Returns a scalar (0 without targets).
+    """
+    log_share = torch.log(activations.clamp_min(_EPS)) - torch.log(
+        activations.sum(dim=-1, keepdim=True).clamp_min(_EPS)
+    )  # (B, V)
+    per_row = -(targets * log_share).sum(dim=-1)  # (B,)
+    has_target = targets.sum(dim=-1) > 0
+    if not bool(has_target.any()):
+        return per_row.sum() * 0.0
+    return per_row[has_target].mean()
+
+
 class PenaltySchedule:
     """Quadratic warm-up of the penalty weight: `λ_t = λ · min(1, (t / T)^2)`.
 
@@ -171,15 +190,21 @@ class LexVLAObjective:
         logit_scale: Tensor,
         step: int,
         penalty_inputs: tuple[Tensor, Tensor] | None = None,
+        word_targets: Tensor | None = None,
+        activations: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Loss terms of one (global) batch of paired (B, V) image and text vectors at `step`.
 
         `penalty_inputs`: the (image, text) (B, V) tensors the penalty reads, when not the weights
         themselves (`loss.penalty_on="activations"`: the activations before normalisation).
+        `word_targets`: (B, V) soft targets of :func:`caption_word_loss` (the words of each image's
+        captions), read with `activations`, the (image, text) activations, when
+        `loss.caption_words_weight > 0`.
 
         Returns:
-            `contrastive_loss`, `overuse_loss` | `flops_loss` (image + text penalty, unweighted; absent
-            for "none"), `loss` (the total to back-propagate) and detached statistics
+            `contrastive_loss`, `overuse_loss` | `flops_loss` | `l1_loss` (image + text penalty,
+            unweighted; absent for "none"), `caption_word_loss` (when on), `loss` (the total to
+            back-propagate) and detached statistics
             `sparsity/image_active`, `sparsity/text_active`, `penalty_weight`, `logit_scale`.
         """
         nce = info_nce(image_weights, text_weights, logit_scale, self.max_scale)
@@ -194,6 +219,14 @@ class LexVLAObjective:
             key = f"{self.cfg.penalty.split('-')[0]}_loss"
             out[key] = penalty
             total = nce + weight * penalty
+        if self.cfg.caption_words_weight > 0 and word_targets is not None:
+            if activations is None:
+                raise ValueError("the caption-word loss needs the (image, text) activations")
+            words = caption_word_loss(activations[0], word_targets) + caption_word_loss(
+                activations[1], word_targets
+            )
+            out["caption_word_loss"] = words
+            total = total + self.cfg.caption_words_weight * words
         out["loss"] = total
         out["sparsity/image_active"] = active_count(image_weights)
         out["sparsity/text_active"] = active_count(text_weights)

@@ -45,6 +45,37 @@ def stop_words() -> frozenset[str]:
     )
 
 
+_WORD = re.compile(r"[a-z]+")
+_IRREGULAR = {"men": "man", "women": "woman", "children": "child", "feet": "foot", "teeth": "tooth"}
+_IRREGULAR.update({"mice": "mouse", "geese": "goose", "people": "people", "oxen": "ox"})
+_KEEP_S = ("ss", "us", "is", "ous")
+
+
+def fold_word(word: str) -> str:
+    """The form words are compared in: lower-cased, no `##`, singular (a rule of thumb, applied to
+    both sides, so it only needs to be consistent): dogs → dog, puppies → puppy, boxes → box."""
+    word = word.lower().removeprefix(CONTINUATION_PREFIX)
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) <= 3 or word.endswith(_KEEP_S):
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith(("sses", "shes", "ches", "xes", "zes")):
+        return word[:-2]
+    return word[:-1] if word.endswith("s") else word
+
+
+def caption_tokens(text: str) -> list[str]:
+    """The lower-cased alphabetic words of a caption, as written ("T-shirt" gives "t", "shirt")."""
+    return _WORD.findall(str(text).lower())
+
+
+def caption_words(captions: Iterable[str]) -> set[str]:
+    """The folded words of some captions (:func:`fold_word` of :func:`caption_tokens`)."""
+    return {fold_word(w) for text in captions for w in caption_tokens(text)}
+
+
 def detect_marker(tokens: Iterable[str]) -> str:
     """The word-start marker of a tokenizer's vocabulary: "▁", "Ġ", or "" for word-level vocabularies."""
     counts = {SENTENCEPIECE_MARKER: 0, BYTE_LEVEL_MARKER: 0}

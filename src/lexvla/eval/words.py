@@ -26,9 +26,8 @@ a dataset with a model first; :func:`run_words` is the CLI's `lexvla eval words`
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +37,7 @@ from torch import Tensor
 from lexvla.errors import LexVLAError
 from lexvla.eval.report import format_table
 from lexvla.layers.lexical import sparsify_threshold
-from lexvla.vocab import CONTINUATION_PREFIX, stop_words
-
-_WORD = re.compile(r"[a-z]+")
-_IRREGULAR = {"men": "man", "women": "woman", "children": "child", "feet": "foot", "teeth": "tooth"}
-_IRREGULAR.update({"mice": "mouse", "geese": "goose", "people": "people", "oxen": "ox"})
-_KEEP_S = ("ss", "us", "is", "ous")
-
-
-def fold_word(word: str) -> str:
-    """The form words are compared in: lower-cased, no `##`, singular (a rule of thumb, applied to
-    both sides, so it only needs to be consistent): dogs → dog, puppies → puppy, boxes → box."""
-    word = word.lower().removeprefix(CONTINUATION_PREFIX)
-    if word in _IRREGULAR:
-        return _IRREGULAR[word]
-    if len(word) <= 3 or word.endswith(_KEEP_S):
-        return word
-    if word.endswith("ies") and len(word) > 4:
-        return word[:-3] + "y"
-    if word.endswith(("sses", "shes", "ches", "xes", "zes")):
-        return word[:-2]
-    return word[:-1] if word.endswith("s") else word
-
-
-def caption_words(captions: Iterable[str]) -> set[str]:
-    """The folded words of some captions (letters only: "T-shirt" gives "t" and "shirt")."""
-    return {fold_word(w) for text in captions for w in _WORD.findall(str(text).lower())}
+from lexvla.vocab import CONTINUATION_PREFIX, caption_words, fold_word, stop_words
 
 
 def fold_vocabulary(words: Sequence[str]) -> tuple[Tensor, list[str]]:

@@ -38,6 +38,7 @@ class Batch:
     keys: list[str]
     image_features: Tensor | None = None  # (B, P, Dv) from a FeatureTable
     text_features: Tensor | None = None  # (B, D) from a FeatureTable
+    all_captions: list[list[str]] | None = None  # (B,) every caption of each image
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -56,6 +57,7 @@ class Batch:
                 self.keys[i : i + size],
                 cut(self.image_features, i),
                 cut(self.text_features, i),
+                None if self.all_captions is None else self.all_captions[i : i + size],
             )
             for i in range(0, len(self), size)
         ]
@@ -202,13 +204,14 @@ class BatchSource:
             choices.append(int(rng.integers(len(sample.captions))))
         captions = [sample.captions[c] for (_, sample), c in zip(local, choices)]
         keys = [sample.key for _, sample in local]
+        every = [list(sample.captions) for _, sample in local]
+        text_rows = self._text_rows(local, choices)
         if not self._tables or self._tables[0] is None:
             pixels = torch.stack([sample.pixels for _, sample in local])
-            return Batch(pixels, captions, keys, None, self._text_rows(local, choices))
-        image_table = self._tables[0]
+            return Batch(pixels, captions, keys, None, text_rows, every)
         rows = torch.tensor([index for index, _ in local])
-        features = image_table.features[rows].float()  # (B, P, Dv)
-        return Batch(None, captions, keys, features, self._text_rows(local, choices))
+        features = self._tables[0].features[rows].float()  # (B, P, Dv)
+        return Batch(None, captions, keys, features, text_rows, every)
 
     def _text_rows(self, local: list, choices: list[int]) -> Tensor | None:
         if not self._tables or self._tables[1] is None:

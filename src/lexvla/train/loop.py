@@ -48,7 +48,8 @@ from lexvla.train.features import (
     text_feature_table,
 )
 from lexvla.train.optim import create_optimizer, create_scheduler
-from lexvla.train.runlog import RunLogger, strict_json
+from lexvla.train.runlog import RunLogger
+from lexvla.train.targets import CaptionWordTargets, strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Trainer:
     model: LexVLA
     ddp_model: torch.nn.Module
     objective: LexVLAObjective
+    word_targets: CaptionWordTargets
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     batches: BatchSource
@@ -132,6 +134,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progres
         model=model,
         ddp_model=wrapped,
         objective=LexVLAObjective(cfg.loss, max_scale=cfg.model.logit_scale_max),
+        word_targets=CaptionWordTargets(model.vocab),
         optimizer=optimizer,
         scheduler=scheduler,
         batches=batches,
@@ -349,14 +352,29 @@ def _autocast(t: Trainer) -> torch.autocast:
 def _forward_losses(t: Trainer, micro: Any, step: int) -> dict[str, Tensor]:
     """Encode a micro-batch (through the DDP wrapper), gather across processes, apply the objective."""
     out = t.ddp_model(**_model_inputs(t, micro))
+    loss = t.cfg.loss
     names = ["image_weights", "text_weights"]
-    if t.cfg.loss.penalty_on == "activations":
+    needs_activations = loss.penalty_on == "activations" or loss.caption_words_weight > 0
+    if needs_activations:
         names += ["image_activations", "text_activations"]
-    tensors = [out[name] for name in names]
+    tensors = [out[name].float() for name in names]
+    targets = None
+    if loss.caption_words_weight > 0:
+        targets = t.word_targets(micro.all_captions).to(t.dist.device)  # (B, V)
+        tensors.append(targets)
     if t.dist.world_size > 1:
         tensors = [all_gather_with_grad(x) for x in tensors]  # (global B, V) each
-    image, text, *penalty_inputs = [x.float() for x in tensors]
-    return t.objective(image, text, out["logit_scale"], step, tuple(penalty_inputs) or None)
+    image, text = tensors[:2]
+    activations = tuple(tensors[2:4]) if needs_activations else None
+    return t.objective(
+        image,
+        text,
+        out["logit_scale"],
+        step,
+        activations if loss.penalty_on == "activations" else None,
+        word_targets=tensors[-1] if targets is not None else None,
+        activations=activations,
+    )
 
 
 def _model_inputs(t: Trainer, micro: Any) -> dict[str, Any]:
