@@ -170,7 +170,11 @@ def encode(
 @app.command()
 def demo(
     data: Annotated[
-        Path | None, typer.Option(help="COCO-style folder (default ../shared/data/coco-mini).")
+        Path | None,
+        typer.Option(
+            help="COCO-style folder (default ../shared/data/coco-mini if present, else the "
+            "80 COCO images bundled with lexvla)."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Where to write the report, run, index.")] = Path(
         "demo-output"

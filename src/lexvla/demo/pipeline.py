@@ -1,7 +1,8 @@
 """The main job (`lexvla demo`): from a fresh clone to an interpretable search over real images.
 
 Steps (each timed and reported): prepare the offline models; take real COCO images with captions
-(`../shared/data/coco-mini`, else the synthetic dataset, and it says so); train `small-offline` briefly
+(`../shared/data/coco-mini` if it is beside the checkout, else the 80 downscaled COCO images bundled with
+the package, `lexvla/resources/demo-coco`; it says which); train `small-offline` briefly
 on 2 CPU cores (frozen towers, cached features) on all but the held-out images; evaluate retrieval
 (untrained vs trained) and PatchDis on the held-out images; draw the sparsity curve; index every image;
 run example searches with per-word explanations; look inside a few images; write one self-contained
@@ -26,6 +27,8 @@ from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[3]
+BUNDLED_COCO = Path(__file__).resolve().parents[1] / "resources" / "demo-coco"
+COCO_CAPTIONS = Path("annotations") / "captions_train2017.json"
 EXAMPLE_QUERIES = (
     "a dog playing outside",
     "a red bus on a city street",
@@ -34,7 +37,9 @@ EXAMPLE_QUERIES = (
 
 
 def find_coco_mini(data_dir: Path | None = None) -> Path | None:
-    """`data_dir`, else `../shared/data/coco-mini` beside the repository (or the working directory)."""
+    """`data_dir`, else `../shared/data/coco-mini` beside the repository (or the working directory),
+    else the COCO set bundled with the package (:data:`BUNDLED_COCO`); None if none of them is there.
+    """
     if data_dir is not None:
         if not (data_dir / "annotations").is_dir():
             raise LexVLAError(
@@ -43,9 +48,16 @@ def find_coco_mini(data_dir: Path | None = None) -> Path | None:
         return data_dir
     for root in (REPO_ROOT, Path.cwd()):
         candidate = (root / ".." / "shared" / "data" / "coco-mini").resolve()
-        if (candidate / "annotations" / "captions_train2017.json").is_file():
+        if (candidate / COCO_CAPTIONS).is_file():
             return candidate
-    return None
+    return BUNDLED_COCO if (BUNDLED_COCO / COCO_CAPTIONS).is_file() else None
+
+
+def describe_source(folder: Path) -> str:
+    """'demo-coco' (bundled), 'coco-mini' (../shared) or the folder's name (given with --data)."""
+    if folder.resolve() == BUNDLED_COCO:
+        return "demo-coco"
+    return folder.name
 
 
 @dataclass
@@ -126,16 +138,28 @@ def _data(run: DemoRun) -> DemoData:
     folder = find_coco_mini(run.data_dir)
     if folder is None:
         run.console.print(
-            "  [yellow]../shared/data/coco-mini not found: using the synthetic dataset[/yellow]"
+            "  [yellow]no COCO images (../shared/data/coco-mini, the bundled demo-coco): "
+            "using the synthetic dataset[/yellow]"
         )
         dataset = create_dataset("synthetic:256")
         train, holdout = split_holdout(dataset, 64)
+        run.results["data"] = {"source": "synthetic", "path": "synthetic:256"}
         return DemoData("synthetic:256", "", train, holdout, [], source="synthetic")
-    captions = folder / "annotations" / "captions_train2017.json"
+    captions = folder / COCO_CAPTIONS
     images = folder / "train2017"
     dataset = create_dataset(str(captions), images_dir=images)
     train, holdout = split_holdout(dataset, run.holdout)
-    run.console.print(f"  {folder}: {len(train)} training images, {len(holdout)} held out")
+    source = describe_source(folder)
+    run.results["data"] = {
+        "source": source,
+        "path": str(folder),
+        "train_images": len(train),
+        "held_out_images": len(holdout),
+    }
+    note = " (bundled; licences: LICENSES.md there)" if source == "demo-coco" else ""
+    run.console.print(
+        f"  {source}: {folder}{note}\n  {len(train)} training images, {len(holdout)} held out"
+    )
     instances = folder / "annotations" / "instances_train2017.json"
     return DemoData(
         str(captions),
@@ -144,6 +168,7 @@ def _data(run: DemoRun) -> DemoData:
         holdout,
         sorted(images.glob("*.jpg")),
         masks=instances if instances.is_file() else None,
+        source=source,
     )
 
 

@@ -45,7 +45,24 @@ def _run_section(run: Any) -> str:
     loss = (
         f"<p>training loss {losses[0]['loss']:.3f} → {losses[-1]['loss']:.3f}</p>" if losses else ""
     )
-    return loss + html.table(["step", "seconds"], rows)
+    return _data_line(run.results.get("data", {})) + loss + html.table(["step", "seconds"], rows)
+
+
+def _data_line(data: dict[str, Any]) -> str:
+    """Which images the demo used (the bundled set names its licence file)."""
+    if not data:
+        return ""
+    where = {
+        "demo-coco": "COCO images bundled with lexvla (downscaled; licences: LICENSES.md there)",
+        "coco-mini": "coco-mini (../shared)",
+        "synthetic": "synthetic shapes (no COCO images found)",
+    }.get(data["source"], data["source"])
+    counts = (
+        f": {data['train_images']} training images, {data['held_out_images']} held out"
+        if "train_images" in data
+        else ""
+    )
+    return f"<p>data: {html.escape(where)} — <code>{html.escape(data['path'])}</code>{counts}</p>"
 
 
 def _retrieval_section(results: dict[str, Any]) -> str:
