@@ -111,6 +111,9 @@ class LexicalConfig(_Checked):
     # the offset starts at `logit_offset_init` (0 with scale 1: the identity).
     logit_affine: bool = False
     logit_offset_init: float = 0.0
+    # 0: the image codebook (V x D) is trained whole; r > 0: it stays the LM-head rows plus a trained
+    # rank-r correction (V·r + r·D parameters instead of V·D: a small checkpoint, less to overfit).
+    image_codebook_rank: int = 0
     pooling: str = "fused"  # "fused" (chunked, memory-lean) or "naive" (materialises (B, P, V))
     pool_chunk_size: int = 4096  # vocabulary chunk of the fused max-pool
     # Arg-max patch search of the fused pool: "float32" (exact) or "bfloat16" (about 2x faster where
@@ -426,6 +429,7 @@ RANGES: dict[str, Range] = {
     "model.logit_scale_max": POSITIVE,
     "loss.penalty_weight": AT_LEAST_0,
     "loss.caption_words_weight": AT_LEAST_0,
+    "model.lexical.image_codebook_rank": AT_LEAST_0,
     "loss.penalty_warmup_steps": AT_LEAST_0,
     "data.holdout": AT_LEAST_0,
     "data.captions_per_image": AT_LEAST_1,

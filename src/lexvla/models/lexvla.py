@@ -57,7 +57,9 @@ def _trainable_part(name: str) -> str:
         return "text_head"
     if ".affine." in name:
         return "logit_affine"
-    return {"vision.codebook": "image_codebook", "logit_scale": "logit_scale"}.get(name, "other")
+    if name.startswith("vision.codebook"):
+        return "image_codebook"
+    return {"logit_scale": "logit_scale"}.get(name, "other")
 
 
 def _finite(weights: Tensor, modality: str) -> Tensor:
