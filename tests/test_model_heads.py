@@ -66,3 +66,17 @@ def test_low_rank_codebook_trains_only_its_factors_and_round_trips(tmp_path):
         torch.testing.assert_close(loaded.vision(features)[0], model.vision(features)[0])
         states = torch.randn(3, D)
         torch.testing.assert_close(loaded.text(states), model.text(states))
+
+
+def test_random_patches_keep_a_subset_of_each_images_own_patches():
+    from lexvla.models.lexvla import random_patches
+
+    features = torch.arange(2 * 10 * 3, dtype=torch.float32).view(2, 10, 3)
+    torch.manual_seed(0)
+    kept = random_patches(features, 0.5)
+    assert kept.shape == (2, 5, 3)
+    for image in range(2):
+        rows = {tuple(r) for r in features[image].tolist()}
+        chosen = [tuple(r) for r in kept[image].tolist()]
+        assert set(chosen) <= rows and len(set(chosen)) == 5  # distinct patches of this image
+    assert random_patches(features, 0.01).shape == (2, 1, 3)

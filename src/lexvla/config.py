@@ -194,6 +194,9 @@ class TrainConfig(_Checked):
     # first step, streaming shards on first use.
     cache_features: bool = True
     feature_cache_dtype: str = "float16"  # storage of cached image features: float16 | float32
+    # Share of each image's patches the trained heads see per step (a random subset, FLIP-style):
+    # the fused pool's cost falls in proportion; evaluation always uses every patch.
+    patch_keep: float = 1.0
     log_every: int = 5  # steps between metrics.jsonl / TensorBoard records
     eval_every: int = 0  # 0: only at the end
     save_every: int = 50  # steps between checkpoints (0: only the final model)
@@ -439,6 +442,8 @@ RANGES: dict[str, Range] = {
     "train.batch_size": AT_LEAST_1,
     "train.grad_accum": AT_LEAST_1,
     "train.lr": POSITIVE,
+    "train.patch_keep": Range(0, 1, low_included=False, high_included=True),
+    "model.text.head_mlp_ratio": POSITIVE,
     "train.codebook_lr": AT_LEAST_0,
     "train.weight_decay": AT_LEAST_0,
     "train.warmup_steps": AT_LEAST_0,
