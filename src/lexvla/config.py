@@ -443,7 +443,6 @@ RANGES: dict[str, Range] = {
     "train.grad_accum": AT_LEAST_1,
     "train.lr": POSITIVE,
     "train.patch_keep": Range(0, 1, low_included=False, high_included=True),
-    "model.text.head_mlp_ratio": POSITIVE,
     "train.codebook_lr": AT_LEAST_0,
     "train.weight_decay": AT_LEAST_0,
     "train.warmup_steps": AT_LEAST_0,
