@@ -33,6 +33,18 @@ def test_background_rule_and_ties():
     assert "< 0.1" in P.background_rule(0.1)
 
 
+def test_relative_background_rule_scales_with_each_image():
+    # image 0 best score 0.4, image 1 (the same pattern at a tenth of the scale) best 0.04:
+    # relative to its own best, each image gets the same labels; an absolute cut cannot do that
+    scores = torch.tensor([[[0.05, 0.02], [0.3, 0.3], [0.1, 0.4]]])
+    both = torch.cat([scores, scores / 10])
+    assert P.labels_from_scores(both, 0.5, "relative").tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert P.labels_from_scores(both, 0.1, "absolute").tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert "best patch-class score of its image" in P.background_rule(0.5, "relative")
+    with pytest.raises(LexVLAError, match="background rule"):
+        P.labels_from_scores(scores, 0.5, "median")
+
+
 def test_hand_computed_miou():
     # 2x2 patch grid predicted [[1, 2], [0, 1]] upsampled to a 4x4 mask.
     pred = torch.tensor([[1, 2, 0, 1]])
@@ -148,7 +160,11 @@ def test_tiny_model_end_to_end(tiny_model, tmp_path):
     ]
     result = P.evaluate_patchdis(tiny_model, samples, CLASSES, out_dir=tmp_path, progress=False)
     assert 0.0 <= result["mIoU"] <= 1.0
-    assert result["threshold"] == P.DEFAULT_THRESHOLD and result["rule"].endswith("0.1")
+    assert result["threshold"] == 0.5 and result["background"] == "relative"
+    absolute = P.evaluate_patchdis(
+        tiny_model, samples, CLASSES, progress=False, background="absolute"
+    )
+    assert absolute["threshold"] == P.DEFAULT_THRESHOLD and absolute["rule"].endswith("0.1")
     assert result["grid"] == tiny_model.cfg.vision.image_size // 14
     assert result["sparsify"].startswith("threshold")
 

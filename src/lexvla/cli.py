@@ -310,8 +310,15 @@ def eval_patchdis(
         Path | None, typer.Option(help="Write predicted-mask overlays here.")
     ] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="Background when the best score is below.")
+        float | None,
+        typer.Option(
+            help="Background when the best score is below (relative: this share of the image's "
+            "best score; default 0.5 relative, 0.1 absolute)."
+        ),
     ] = None,
+    background: Annotated[
+        str, typer.Option(help="Background rule: relative (to each image's best) or absolute.")
+    ] = "relative",
     split: SplitOption = "val",
     limit: LimitOption = None,
 ) -> None:
@@ -330,6 +337,7 @@ def eval_patchdis(
         threshold=threshold,
         overlays=overlays,
         out=out,
+        background=background,
     )
     console.print(patchdis_table(result))
 

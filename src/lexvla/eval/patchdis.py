@@ -7,12 +7,14 @@ Protocol (docs/method.md, project defaults marked there):
    encoded at patch level by the **vision** branch: (P, V), P = g × g patches.
 3. Both sides are sparsified like retrieval (by default the model's threshold `1/sqrt(V)`); the score of
    a patch and a class is their dot product.
-4. Every patch gets its best class; **background rule: a patch whose best score is below `threshold`
-   is background** (label 0). Default threshold :data:`DEFAULT_THRESHOLD` = 0.1 (project default, not
-   in the paper: scores of sparsified, L2-normalised non-negative vectors lie in [0, 1]; a patch that
-   shares less than 0.1 of similarity with every class name is called background). Tune it on held-out
-   images with `thresholds=[…]`: the sweep reports mIoU per threshold (an oracle if tuned on the test
-   images themselves).
+4. Every patch gets its best class; **background rule** (project default, not in the paper):
+   `"relative"` (default): a patch is background (label 0) when its best score is below `threshold`
+   times the best patch-class score of its own image (default 0.5: half as good a match as the image's
+   best). Scores of sparse models differ in scale from image to image and from model to model; a rule
+   relative to each image's own scale compares models fairly. `"absolute"`: background when the best
+   score is below `threshold` itself (scores of sparsified, L2-normalised non-negative vectors lie in
+   [0, 1]; default 0.1). The sweep (`thresholds=[…]`) reports mIoU per threshold; choosing the
+   threshold on the evaluated images themselves is an oracle.
 5. The g × g label grid is upsampled to the ORIGINAL mask's resolution by nearest neighbour on pixel
    centres (pixel y of H takes grid row `floor((y + ½)·g / H)`), then compared with the ground truth:
    confusion matrix over the whole dataset, IoU per class and mIoU (`lexvla.eval.metrics`).
@@ -49,7 +51,9 @@ from lexvla.eval.retrieval import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.1
+BACKGROUND_RULES = ("relative", "absolute")
+DEFAULT_THRESHOLDS = {"relative": 0.5, "absolute": 0.1}
+DEFAULT_THRESHOLD = DEFAULT_THRESHOLDS["absolute"]
 IGNORE_INDEX = 255
 
 
@@ -62,8 +66,13 @@ class SegmentationSample:
     mask: np.ndarray  # (H, W) integer labels at the image's original resolution
 
 
-def background_rule(threshold: float) -> str:
+def background_rule(threshold: float, rule: str = "absolute") -> str:
     """The background rule as printed with every PatchDis number."""
+    if rule == "relative":
+        return (
+            f"background when a patch's best class score (dot product) < {threshold:g} x the best "
+            "patch-class score of its image"
+        )
     return f"background when a patch's best class score (dot product) < {threshold:g}"
 
 
@@ -87,10 +96,18 @@ def patchdis_predict(patch_weights: Tensor, class_weights: Tensor, threshold: fl
     return labels_from_scores(patchdis_scores(patch_weights, class_weights), threshold)
 
 
-def labels_from_scores(scores: Tensor, threshold: float) -> Tensor:
-    """(B, P, C) patch-class scores -> (B, P) labels with the background rule (0 = background)."""
+def labels_from_scores(scores: Tensor, threshold: float, rule: str = "absolute") -> Tensor:
+    """(B, P, C) patch-class scores -> (B, P) labels with the background rule (0 = background).
+
+    `rule="relative"`: the cut is `threshold` times each image's best patch-class score.
+    """
+    if rule not in BACKGROUND_RULES:
+        raise LexVLAError(f"unknown background rule {rule!r}: use one of {BACKGROUND_RULES}")
     best, index = scores.max(dim=-1)  # (B, P), (B, P)
-    return torch.where(best < threshold, torch.zeros_like(index), index + 1)
+    cut = torch.full_like(best, threshold)
+    if rule == "relative":
+        cut = threshold * best.max(dim=-1, keepdim=True).values  # (B, 1)
+    return torch.where(best < cut, torch.zeros_like(index), index + 1)
 
 
 def grid_side(num_patches: int) -> int:
@@ -133,7 +150,7 @@ def patchdis_confusion(
 
 
 def summarize_confusion(
-    conf: Tensor, class_names: Sequence[str], threshold: float
+    conf: Tensor, class_names: Sequence[str], threshold: float, background: str = "absolute"
 ) -> dict[str, Any]:
     """mIoU (background included), foreground mIoU, pixel accuracy and IoU per class name."""
     iou = iou_per_class(conf)
@@ -146,7 +163,8 @@ def summarize_confusion(
             name: (None if math.isnan(v) else v) for name, v in zip(class_names, iou.tolist())
         },
         "threshold": threshold,
-        "rule": background_rule(threshold),
+        "background": background,
+        "rule": background_rule(threshold, background),
         "pixels": total,
     }
 
@@ -217,6 +235,7 @@ def evaluate_patchdis(
     out_dir: str | Path | None = None,
     progress: bool = True,
     limit: int | None = None,
+    background: str = "relative",
 ) -> dict[str, Any]:
     """PatchDis mIoU of `model` on images with semantic masks (protocol in the module docstring).
 
@@ -224,13 +243,14 @@ def evaluate_patchdis(
         model: a LexVLA model (`encode_image(..., return_patches=True, crop=False)`, `encode_text`).
         samples: items with `.image` and `.mask` ((H, W) labels), or (image, mask) pairs.
         class_names: the name of every mask label; `class_names[0]` is background (not encoded).
-        threshold: background rule threshold; None = :data:`DEFAULT_THRESHOLD`.
+        threshold: background rule threshold; None = the rule's default (:data:`DEFAULT_THRESHOLDS`).
         thresholds: extra thresholds to sweep in the same pass (reported under `"sweep"`).
         sparsify: operating point of both sides (as retrieval); None = the model's default.
         batch_size: images encoded at once ((B, P, V) floats are held: keep it small).
         out_dir: write one overlay PNG per image there (prediction | ground truth).
         progress: show a progress bar.
         limit: evaluate only the first `limit` samples.
+        background: the background rule, "relative" (to each image's best score) or "absolute".
 
     Returns:
         `{"mIoU", "mIoU/foreground", "pixel_accuracy", "per_class_iou": {name: IoU}, "threshold",
@@ -238,7 +258,9 @@ def evaluate_patchdis(
     """
     from tqdm.auto import tqdm
 
-    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    if background not in BACKGROUND_RULES:
+        raise LexVLAError(f"unknown background rule {background!r}: use one of {BACKGROUND_RULES}")
+    threshold = DEFAULT_THRESHOLDS[background] if threshold is None else float(threshold)
     point, sparse_threshold = model_operating_point(model, sparsify)
     class_weights = sparsify_weights(
         encode_class_names(model, class_names), point, sparse_threshold
@@ -258,13 +280,13 @@ def evaluate_patchdis(
         scores = _batch_scores(model, batch, class_weights, point, sparse_threshold)  # (B, P, C)
         grid = grid_side(scores.shape[1])
         for t in all_thresholds:
-            labels = labels_from_scores(scores, t)  # (B, P)
+            labels = labels_from_scores(scores, t, background)  # (B, P)
             confs[t] += patchdis_confusion(labels, [s.mask for s in batch], n)
             if out_dir is not None and t == threshold:
                 overlays += [
                     str(write_overlay(s, g, class_names, out_dir)) for s, g in zip(batch, labels)
                 ]
-    result = summarize_confusion(confs[threshold], class_names, threshold)
+    result = summarize_confusion(confs[threshold], class_names, threshold, background)
     result.update(
         num_images=len(items),
         grid=grid,
@@ -439,6 +461,7 @@ def run_patchdis(
     overlays: str | Path | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    background: str = "relative",
 ) -> dict[str, Any]:
     """`lexvla eval patchdis`: build model and data, evaluate, write overlays and the JSON report.
 
@@ -461,6 +484,7 @@ def run_patchdis(
         out_dir=overlays,
         progress=progress,
         limit=limit,
+        background=background,
     )
     if out is not None:
         data_info = {"path": str(data), "images": str(images) if images else None, "limit": limit}
