@@ -116,9 +116,10 @@ def test_two_process_fsdp_run_killed_at_a_random_step_resumes_to_the_same_weight
 
 
 # ------------------------------------------------------------------- the sharded layout, one process
-def _trained(
+def trained_tiny(
     steps: int = 2,
 ) -> tuple[LexVLA, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """A `tiny` model, its AdamW and schedule after `steps` updates with random gradients."""
     cfg = experiment_config("tiny", overrides=["train.steps=10"])
     torch.manual_seed(0)
     model = LexVLA(cfg.model)
@@ -132,20 +133,21 @@ def _trained(
     return model, optimizer, scheduler
 
 
-def _optimizer_state(model: LexVLA, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_state(model: LexVLA, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Copies of the optimiser state, named `<parameter>::<state key>`."""
     return {f"{name}::{key}": value.clone() for name, p in model.trainable_parameters().items()
             for key, value in optimizer.state.get(p, {}).items()}  # fmt: skip
 
 
 def test_sharded_checkpoint_resumes_to_the_saved_state(tmp_path):
-    model, optimizer, scheduler = _trained()
+    model, optimizer, scheduler = trained_tiny()
     folder = ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler, sharded=True)
     assert (folder / ckpt.SHARDED).is_dir() and not (folder / ckpt.OPTIMIZER).exists()
-    fresh, fresh_opt, fresh_sched = _trained(steps=0)
+    fresh, fresh_opt, fresh_sched = trained_tiny(steps=0)
     assert ckpt.load_latest(tmp_path, fresh, fresh_opt, fresh_sched) == 2
     for name, value in model.trainable_parameters().items():
         assert torch.equal(fresh.trainable_parameters()[name], value), name
-    expected, got = _optimizer_state(model, optimizer), _optimizer_state(fresh, fresh_opt)
+    expected, got = optimizer_state(model, optimizer), optimizer_state(fresh, fresh_opt)
     assert got.keys() == expected.keys() and expected
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
@@ -158,22 +160,22 @@ def test_sharded_checkpoint_resumes_to_the_saved_state(tmp_path):
 
 def test_whole_tensor_checkpoint_reads_the_same_through_dcp(tmp_path):
     """The reader of sharded checkpoints (used by FSDP runs) gives the legacy reader's state."""
-    model, optimizer, scheduler = _trained()
+    model, optimizer, scheduler = trained_tiny()
     folder = ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler)
-    legacy, legacy_opt, _ = _trained(steps=0)
+    legacy, legacy_opt, _ = trained_tiny(steps=0)
     ckpt.load_trained_weights(legacy, folder / "model.safetensors")
     ckpt._load_optimizer(folder, legacy, legacy_opt)
-    through_dcp, dcp_opt, _ = _trained(steps=0)
+    through_dcp, dcp_opt, _ = trained_tiny(steps=0)
     ckpt._load_with_dcp(folder, through_dcp, dcp_opt)
     for name, value in legacy.trainable_parameters().items():
         assert torch.equal(through_dcp.trainable_parameters()[name], value), name
-    expected, got = _optimizer_state(legacy, legacy_opt), _optimizer_state(through_dcp, dcp_opt)
+    expected, got = optimizer_state(legacy, legacy_opt), optimizer_state(through_dcp, dcp_opt)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def _shard_file(tmp_path: Path) -> Path:
-    model, optimizer, scheduler = _trained()
+    model, optimizer, scheduler = trained_tiny()
     folder = ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler, sharded=True)
     return next((folder / ckpt.SHARDED).iterdir())
 
@@ -182,7 +184,7 @@ def test_a_pickle_planted_in_a_shard_file_is_refused_unexecuted(tmp_path):
     marker = tmp_path / "pwned"
     payload = f"cos\nsystem\n(S'mkdir {marker}'\ntR.".encode()
     _shard_file(tmp_path / "run").write_bytes(payload)
-    fresh, fresh_opt, fresh_sched = _trained(steps=0)
+    fresh, fresh_opt, fresh_sched = trained_tiny(steps=0)
     with pytest.raises(LexVLAError, match="cannot resume from .*sharded.*refused"):
         ckpt.load_latest(tmp_path / "run", fresh, fresh_opt, fresh_sched)
     assert not marker.exists()
@@ -197,6 +199,6 @@ def test_non_finite_shards_are_refused(tmp_path):
     name = next(k for k in tensors if k.endswith("::exp_avg"))
     tensors[name][0] = float("nan")
     save_file(tensors, str(shard), metadata=metadata)
-    fresh, fresh_opt, fresh_sched = _trained(steps=0)
+    fresh, fresh_opt, fresh_sched = trained_tiny(steps=0)
     with pytest.raises(LexVLAError, match=f"NaN or inf values in {name}"):
         ckpt.load_latest(tmp_path, fresh, fresh_opt, fresh_sched)

@@ -89,16 +89,14 @@ def mount_point(path: Path) -> Path:
     return path
 
 
-def disk_full_error(path: Path) -> DiskFullError:
-    """The error for a write to `path` that found no space: names the path and what to free."""
-    mount = mount_point(path)
-    try:
-        free = f"{shutil.disk_usage(mount).free / 2**20:.1f} MiB free now"
-    except OSError:
-        free = "free space unknown"
+def disk_full_error(
+    path: Path, then: str = "run again (what was written before is intact)"
+) -> DiskFullError:
+    """The error for a write to `path` that found no space: names the path, what to free and
+    what to do `then`."""
     return DiskFullError(
-        f"no space left on device while writing {path}: free space on {mount} ({free}) and run "
-        "again; files written before are intact"
+        f"no space left on device while writing {path}: free space on {mount_point(path)}, "
+        f"then {then}"
     )
 
 

@@ -55,7 +55,7 @@ _STEP = re.compile(r"step_(\d+)")
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
 SHARDED = "sharded"  # the DCP folder of an FSDP2 checkpoint
-RESUME_HINT = "then resume the run with --resume (the checkpoints written before are intact)"
+RESUME_HINT = "resume the run with --resume (the checkpoints written before are intact)"
 
 write_text_atomic = atomic_write_text  # run files (config.json, summary.json): atomic and fsynced
 
@@ -187,8 +187,8 @@ def save_checkpoint(
                 save_file(optimizer_tensors, str(tmp / OPTIMIZER))
             text = json.dumps({**trainer_state, **(extra or {})}, indent=2, default=float)
             (tmp / STATE).write_text(text, encoding="utf-8")
-    except DiskFullError as err:
-        raise DiskFullError(f"{err}; {RESUME_HINT}") from None
+    except DiskFullError:
+        raise disk_full_error(folder, then=RESUME_HINT) from None
     _prune(run_dir, keep)
     logger.info("saved checkpoint %s", folder)
     return folder
@@ -212,7 +212,7 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, is_writer: bool)
         if is_writer:
             shutil.rmtree(staging, ignore_errors=True)
         if is_disk_full(err):
-            raise DiskFullError(f"{disk_full_error(folder)}; {RESUME_HINT}") from None
+            raise disk_full_error(folder, then=RESUME_HINT) from None
         raise LexVLAError(f"cannot write the sharded checkpoint {folder}: {err}") from None
     return staging
 
