@@ -39,8 +39,11 @@ def _torchrun(out: Path, *extra: str, port: int) -> list[str]:
             "lexvla.train", *ARGS, "--out", str(out), *extra]  # fmt: skip
 
 
+TIMEOUT_S = 900  # a hang, not a slow run: 10 tiny steps take ~15 s, but this CPU may be shared
+
+
 def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", LEXVLA_DIST_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
+    return dict(os.environ, OMP_NUM_THREADS="1", LEXVLA_DIST_TIMEOUT_S="300", PYTHONUNBUFFERED="1")
 
 
 def _logged_steps(run: Path) -> list[int]:
@@ -58,7 +61,7 @@ def _kill_at_step(command: list[str], run: Path, step: int) -> None:
     proc = subprocess.Popen(command, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + TIMEOUT_S
         while (
             time.time() < deadline
             and proc.poll() is None
@@ -72,7 +75,13 @@ def _kill_at_step(command: list[str], run: Path, step: int) -> None:
 
 
 def _run(command: list[str]) -> None:
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run(
+            command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as err:  # say where it stood: training, or after "done"
+        output = (err.stdout or b"")[-1000:].decode() + (err.stderr or b"")[-3000:].decode()
+        raise AssertionError(f"{command[-4:]} ran over {TIMEOUT_S} s:\n{output}") from None
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -108,8 +117,7 @@ def test_two_process_fsdp_run_killed_at_a_random_step_resumes_to_the_same_weight
     assert LexVLA.from_pretrained(killed / "model").vocab_size > 0  # a plain safetensors model
 
     # The 2-rank shards resume in one process (no FSDP): DCP reshards them into whole tensors.
-    subprocess.run([*TRAIN, *ARGS, "--out", str(one), "--resume"], check=True,
-                   capture_output=True, env=_env(), timeout=300)  # fmt: skip
+    _run([*TRAIN, *ARGS, "--out", str(one), "--resume"])
     c = _weights(one)
     for key in a:  # one process and two differ only by the order of float sums
         torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{key}; {note}")

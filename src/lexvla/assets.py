@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lexvla._atomic import atomic_write_text, replace_dir
+from lexvla._atomic import atomic_write_text, replace_dir, reporting_full_disk
 from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
@@ -726,7 +726,8 @@ def prepare_assets(
                 say(f"{spec.name}: prepared by another process ({final})")
             else:
                 start = time.monotonic()
-                _build_asset(spec, models, BuildContext(spec.name, verify, say, image_paths))
+                with reporting_full_disk(final):  # a full disk: one line, the staging removed
+                    _build_asset(spec, models, BuildContext(spec.name, verify, say, image_paths))
                 say(f"{spec.name}: ready in {time.monotonic() - start:.1f} s ({final})")
         done[spec.name] = final
     return done

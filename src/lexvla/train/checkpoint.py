@@ -122,9 +122,9 @@ def _finite_everywhere(tensors: dict[str, torch.Tensor], what: str, fix: str) ->
     local = {name: _local(tensor) for name, tensor in tensors.items()}
     try:
         require_finite(local, what, fix)
-    except LexVLAError as err:
+    except LexVLAError:
         any_rank(True, _device(tensors))
-        raise err from None
+        raise
     if any_rank(False, _device(tensors)):
         raise LexVLAError(f"{what}: NaN or inf values on another rank; {fix}")
 
@@ -213,8 +213,19 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, is_writer: bool)
             shutil.rmtree(staging, ignore_errors=True)
         if is_disk_full(err):
             raise disk_full_error(folder, then=RESUME_HINT) from None
-        raise LexVLAError(f"cannot write the sharded checkpoint {folder}: {err}") from None
+        raise LexVLAError(f"cannot write the sharded checkpoint {folder}: {_short(err)}") from None
     return staging
+
+
+def _short(err: BaseException) -> str:
+    """One line per failed rank of a DCP `CheckpointException` (its text holds whole tracebacks)."""
+    failures = getattr(err, "failures", None)
+    if not failures:
+        return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return "; ".join(
+        f"rank {rank}: {type(failure[0]).__name__}: {failure[0]}"
+        for rank, failure in sorted(failures.items())
+    )
 
 
 def _prune(run_dir: Path, keep: int) -> None:
@@ -324,7 +335,7 @@ def _load_with_dcp(source: Path, model: LexVLA, optimizer: torch.optim.Optimizer
         with _single_process_quiet():
             load(targets, storage_reader=HuggingFaceStorageReader(str(source)))
     except (CheckpointException, SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise LexVLAError(f"cannot resume from {source}: {err}") from None
+        raise LexVLAError(f"cannot resume from {source}: {_short(err)}") from None
     _finite_everywhere(targets, f"cannot resume from {source}", NONFINITE_FILE_FIX)
     for param, state in states.items():
         optimizer.state[param] = state
@@ -345,9 +356,11 @@ def _stored_tensors(source: Path) -> dict:
 
 def _check_architecture(source: Path, stored: dict, params: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(params) - set(stored))
-    if missing:
+    unexpected = sorted(k for k in stored if k.split("::", 1)[0] not in params)
+    if missing or unexpected:
         raise LexVLAError(
-            f"{source} is a checkpoint of another architecture: missing keys {missing[:5]}"
+            f"{source} is a checkpoint of another architecture: unexpected keys {unexpected[:5]},"
+            f" missing keys {missing[:5]}"
         )
     for name, param in params.items():
         if tuple(stored[name].size) != tuple(param.shape):
