@@ -60,8 +60,6 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-
-
 def json_bytes(obj: Any, indent: int | None = None) -> bytes:
     """UTF-8 JSON of `obj`; lone surrogates in its strings are written as \\u escapes (see jsonable)."""
     try:
