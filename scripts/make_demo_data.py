@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lexvla._atomic import atomic_dir
 from lexvla.data.masks import decode_rle, encode_rle
 from lexvla.errors import LexVLAError
-from lexvla.models.checkpoint import atomic_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "coco-mini"

@@ -172,7 +172,7 @@ def test_crash_before_publish_is_never_used(
     def killed(staged: Path, final: Path) -> None:
         raise KeyboardInterrupt  # interrupted between the completion record and os.replace
 
-    monkeypatch.setattr(assets, "_publish", killed)
+    monkeypatch.setattr(assets, "replace_dir", killed)
     with pytest.raises(KeyboardInterrupt):
         assets.prepare_assets(["fake"])
     assert not (cache / "models" / "fake").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -131,3 +133,34 @@ def _free_port() -> int:
 
 def test_two_process_gather_matches_single_process(clean_env):
     mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_a_missing_peer_is_a_clear_error_within_the_set_up_timeout(clean_env):
+    clean_env.setenv("RANK", "0")
+    clean_env.setenv("WORLD_SIZE", "2")  # rank 1 never starts
+    clean_env.setenv("MASTER_ADDR", "127.0.0.1")
+    clean_env.setenv("MASTER_PORT", str(_free_port()))
+    start = time.monotonic()
+    with pytest.raises(
+        LexVLAError, match=r"rank 0 of 2 could not join .* at 127\.0\.0\.1:\d+ within 2 s"
+    ):
+        D.init_distributed("cpu", timeout_s=2)
+    assert time.monotonic() - start < 30
+    assert not torch.distributed.is_initialized()
+    clean_env.setenv(D.TIMEOUT_ENV, "soon")
+    with pytest.raises(LexVLAError, match="LEXVLA_DIST_TIMEOUT_S='soon'"):
+        D.init_distributed("cpu")
+
+
+def test_a_hanging_teardown_is_left_behind_after_its_timeout(monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "destroy_process_group", release.wait)  # blocks like a lost peer
+    start = time.monotonic()
+    try:
+        assert D.cleanup(timeout_s=0.5) is False
+        assert 0.5 <= time.monotonic() - start < 10
+    finally:
+        release.set()
+    monkeypatch.setattr(D.dist, "destroy_process_group", lambda: None)
+    assert D.cleanup(timeout_s=5) is True

@@ -27,9 +27,9 @@ SHARDS, ROWS = 6, 25
 KILLER = """
 import os, signal, sys
 import lexvla.index._commit as c
-import lexvla.index._io as io
+import lexvla._atomic as atomic
 from lexvla.index import build_index
-io.FSYNC = False
+atomic.FSYNC = False
 event, nth, seen = sys.argv[3], int(sys.argv[4]), [0]
 def hook(e):
     if e == event:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from lexvla.index import _io
+from lexvla import _atomic
 
 
 def random_csr(
@@ -92,8 +92,8 @@ def assert_same_topk(
 @contextlib.contextmanager
 def no_fsync() -> Iterator[None]:
     """Skip fsync inside the block: for tests that create hundreds of tiny indexes."""
-    old, _io.FSYNC = _io.FSYNC, False
+    old, _atomic.FSYNC = _atomic.FSYNC, False
     try:
         yield
     finally:
-        _io.FSYNC = old
+        _atomic.FSYNC = old

@@ -257,8 +257,8 @@ class _Poisoned(LexVLAObjective):
     NAN_LOSS: frozenset[int] = frozenset()
     NAN_GRAD: frozenset[int] = frozenset()
 
-    def __call__(self, image, text, logit_scale, step, penalty_inputs=None):
-        out = super().__call__(image, text, logit_scale, step, penalty_inputs)
+    def __call__(self, image, text, logit_scale, step, penalty_inputs=None, **kwargs):
+        out = super().__call__(image, text, logit_scale, step, penalty_inputs, **kwargs)
         if step + 1 in self.NAN_LOSS:
             out["loss"] = out["loss"] * float("nan")
         if step + 1 in self.NAN_GRAD:

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lexvla._atomic import atomic_write_text, replace_dir, reporting_full_disk
 from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
@@ -184,12 +185,7 @@ def _write_record(out: Path, spec: AssetSpec, source: dict[str, Any], verificati
         "files": files,
         "verification": verification,
     }
-    tmp = out / (RECORD_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / RECORD_NAME)
+    atomic_write_text(out / RECORD_NAME, json.dumps(record, indent=1))
     return record
 
 
@@ -653,17 +649,6 @@ def _locked(path: Path, say: Progress) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _publish(staged: Path, final: Path) -> None:
-    """Move a complete folder into place; an older folder there is moved aside, then removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(staged, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _build_asset(spec: AssetSpec, models: Path, ctx: BuildContext) -> Path:
     """Fetch, convert, verify and publish one asset (the caller holds its lock)."""
     for stale in models.glob(f".{spec.name}.*-*"):  # interrupted builds and swaps
@@ -681,7 +666,7 @@ def _build_asset(spec: AssetSpec, models: Path, ctx: BuildContext) -> Path:
                   "file": archive.name, "sha256": spec.sha256, "member": spec.member,
                   "member_sha256": _sha256(source_file)}  # fmt: skip
         _write_record(out, spec, source, verification)
-        _publish(out, models / spec.name)
+        replace_dir(out, models / spec.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return models / spec.name
@@ -741,7 +726,8 @@ def prepare_assets(
                 say(f"{spec.name}: prepared by another process ({final})")
             else:
                 start = time.monotonic()
-                _build_asset(spec, models, BuildContext(spec.name, verify, say, image_paths))
+                with reporting_full_disk(final):  # a full disk: one line, the staging removed
+                    _build_asset(spec, models, BuildContext(spec.name, verify, say, image_paths))
                 say(f"{spec.name}: ready in {time.monotonic() - start:.1f} s ({final})")
         done[spec.name] = final
     return done

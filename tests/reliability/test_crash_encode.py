@@ -29,10 +29,10 @@ from test_search import make_images
 # (a forward pass). fsync is off: a SIGKILL loses nothing the kernel already has.
 KILLER = """
 import os, signal, sys
-import lexvla.index._io as lexvla_io
+import lexvla._atomic as lexvla_atomic
 import lexvla.search.encode as encode
 from lexvla import create_model
-lexvla_io.FSYNC = False
+lexvla_atomic.FSYNC = False
 images, out, event, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 seen = [0]
 def hit(name):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lexvla._atomic import atomic_file
 from lexvla.data.sample import Sample, SkipCounter, utf8_text
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
@@ -303,37 +305,29 @@ def write_shards(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    tar: tarfile.TarFile | None = None
+    kept = (sample for sample in samples if sample is not None)
     count = 0
-    for sample in samples:
-        if sample is None:
-            continue
-        if count % shard_size == 0:
-            _close(tar, paths)
-            paths.append(out / f"{prefix}{count // shard_size:05d}.tar")
-            tar = tarfile.open(paths[-1].with_suffix(".tar.tmp"), "w")
-        key = f"{count:09d}"
-        buffer = io.BytesIO()
-        sample.image.save(buffer, format=pil_format, **({"quality": 95} if fmt != "png" else {}))
-        meta = {"key": sample.key, "path": sample.path, "captions": sample.captions}
-        if sample.words is not None:
-            meta["words"] = sample.words
-        _add(tar, f"{key}.{fmt}", buffer.getvalue())
-        _add(tar, f"{key}.txt", "\n".join(c.replace("\n", " ") for c in sample.captions).encode())
-        _add(tar, f"{key}.json", json.dumps(meta).encode())
-        count += 1
-    _close(tar, paths)
+    while (first := next(kept, None)) is not None:
+        paths.append(out / f"{prefix}{count // shard_size:05d}.tar")
+        with atomic_file(paths[-1]) as tmp, tarfile.open(tmp, "w") as tar:
+            for sample in itertools.chain([first], itertools.islice(kept, shard_size - 1)):
+                _add_sample(tar, f"{count:09d}", sample, fmt, pil_format)
+                count += 1
     return paths
 
 
-def _add(tar: tarfile.TarFile | None, name: str, data: bytes) -> None:
-    assert tar is not None
+def _add_sample(tar: tarfile.TarFile, key: str, sample: Sample, fmt: str, pil_format: str) -> None:
+    buffer = io.BytesIO()
+    sample.image.save(buffer, format=pil_format, **({"quality": 95} if fmt != "png" else {}))
+    meta = {"key": sample.key, "path": sample.path, "captions": sample.captions}
+    if sample.words is not None:
+        meta["words"] = sample.words
+    _add(tar, f"{key}.{fmt}", buffer.getvalue())
+    _add(tar, f"{key}.txt", "\n".join(c.replace("\n", " ") for c in sample.captions).encode())
+    _add(tar, f"{key}.json", json.dumps(meta).encode())
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))
-
-
-def _close(tar: tarfile.TarFile | None, paths: list[Path]) -> None:
-    if tar is not None:
-        tar.close()
-        os.replace(paths[-1].with_suffix(".tar.tmp"), paths[-1])

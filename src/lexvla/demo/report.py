@@ -6,15 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lexvla._atomic import atomic_write_text
 from lexvla.demo import html
 
 
 def write(run: Any) -> Path:
     """Write `report.html` and `report.json` into the run's output folder; returns the HTML path."""
     results = {**run.results, "timings_s": run.timings}
-    (run.out_dir / "report.json").write_text(
-        json.dumps(results, indent=2, default=str), encoding="utf-8"
-    )
+    atomic_write_text(run.out_dir / "report.json", json.dumps(results, indent=2, default=str))
     sections = [("Run", _run_section(run))]
     sections.append(("Retrieval on held-out images", _retrieval_section(run.results)))
     if "sparsity" in run.figures:
@@ -35,7 +34,7 @@ def write(run: Any) -> Path:
         "on this machine. Every score below is a sum of per-word products."
     )
     path = run.out_dir / "report.html"
-    path.write_text(html.page("LexVLA demo report", sections, intro), encoding="utf-8")
+    atomic_write_text(path, html.page("LexVLA demo report", sections, intro))
     return path
 
 

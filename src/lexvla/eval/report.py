@@ -19,13 +19,14 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lexvla._atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +152,8 @@ def write_report(
     path = Path(path)
     report = build_report(result, model_ref=model_ref, data=data, settings=settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # readers never see a half-written report
-    finally:
-        tmp.unlink(missing_ok=True)
+    # readers never see a half-written report
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
     logger.info("wrote %s", path)
     return path
 

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from lexvla._atomic import atomic_file
 from lexvla.errors import LexVLAError
 from lexvla.eval.metrics import retrieval_recall
 from lexvla.eval.report import format_table, model_fingerprint
@@ -230,11 +231,10 @@ def encode_retrieval_data(
     text_weights = encode_texts(model, data.captions, batch_size=batch_size, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(
-            {"image": image_weights.contiguous(), "text": text_weights.contiguous()}, str(tmp)
-        )
-        os.replace(tmp, path)  # readers never see a half-written file
+        with atomic_file(path) as tmp:  # readers never see a half-written file
+            save_file(
+                {"image": image_weights.contiguous(), "text": text_weights.contiguous()}, str(tmp)
+            )
     return Encodings(image_weights, text_weights, data.text_to_image)
 
 

@@ -63,11 +63,22 @@ def read_current(root: Path) -> str:
 
 
 def publish(root: Path, staged: Path, name: str) -> None:
-    """Move a complete generation into place and point CURRENT at it (atomic replace)."""
+    """Move a complete generation into place and point CURRENT at it (atomic replace).
+
+    A folder of the same name that CURRENT does not name (a crash or a full disk after the rename,
+    before CURRENT was replaced) was never published: it is replaced.
+    """
     (root / "generations").mkdir(exist_ok=True)
-    os.rename(staged, root / "generations" / name)
+    final = root / "generations" / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staged, final)
     _io.fsync_dir(root / "generations")
-    _io.atomic_write_bytes(root / "CURRENT", (name + "\n").encode())
+    try:
+        _io.atomic_write_bytes(root / "CURRENT", (name + "\n").encode())
+    except (OSError, LexVLAError):  # raised before CURRENT was replaced: `final` is unpublished
+        shutil.rmtree(final, ignore_errors=True)
+        raise
 
 
 def _gc(root: Path, keep: set[str]) -> None:
@@ -170,14 +181,18 @@ def commit(root: Path, *, compact: bool = False) -> str | None:
     }
     staged = root / "tmp" / name
     table = _apply(g, ops)
-    if all(op.kind == "del" for op in ops) and not compact:
-        link_generation(staged, g.path, table.deleted, info)
-    else:
-        write_generation(
-            staged, _compact(table) if compact else table, g.vocab, info, link_from=g.path
-        )
-    crash_point("commit:written")
-    publish(root, staged, name)
+    try:
+        if all(op.kind == "del" for op in ops) and not compact:
+            link_generation(staged, g.path, table.deleted, info)
+        else:
+            write_generation(
+                staged, _compact(table) if compact else table, g.vocab, info, link_from=g.path
+            )
+        crash_point("commit:written")
+        publish(root, staged, name)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)  # a full disk gets its space back
+        raise
     crash_point("commit:published")
     for op in ops:
         _staging.remove_op(op)

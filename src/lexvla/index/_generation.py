@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from lexvla._atomic import reporting_full_disk
 from lexvla.errors import LexVLAError
 from lexvla.index import _io, _kernels
 
@@ -194,7 +195,7 @@ def _write_files(
 
 
 def _write_blob(path: Path, pieces: list[bytes | memoryview]) -> None:
-    with open(path, "wb") as f:
+    with reporting_full_disk(path), open(path, "wb") as f:
         for piece in pieces:
             f.write(piece)
         f.flush()

@@ -1,8 +1,9 @@
-"""File helpers shared by the shard format and the index: atomic writes, checksums, locks, safe loads.
+"""File helpers shared by the shard format and the index: checksums, locks, safe loads.
 
-Every file is written to a temporary name in the destination directory, flushed to disk and then moved
-into place with `os.replace`, so a reader sees either the old file or the complete new one, never a
-partial write. numpy files are always read with `allow_pickle=False`.
+Every file is written with the atomic, fsynced writes of `lexvla._atomic` (a temporary name in the
+destination directory, flushed to disk, then moved into place with `os.replace`), so a reader sees
+either the old file or the complete new one, never a partial write; a full disk is a `DiskFullError`
+naming the file. numpy files are always read with `allow_pickle=False`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import tokenize
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,18 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from lexvla._atomic import atomic_write_bytes as atomic_write_bytes  # re-exported for the index
+from lexvla._atomic import fsync_dir as fsync_dir
+from lexvla._atomic import fsync_file as fsync_file
+from lexvla._atomic import reporting_full_disk
 from lexvla.errors import LexVLAError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-# Flush every write to disk before publishing it (survives power loss, not only process kills).
-# Tests that create hundreds of tiny indexes switch it off for speed; nothing else should.
-FSYNC = True
-
-
-def fsync_file(fd: int) -> None:
-    if FSYNC:
-        os.fsync(fd)
 
 
 def vocab_hash(words: Sequence[str]) -> str:
@@ -63,35 +58,6 @@ def check_name(name: str, what: str) -> str:
             " starting with a letter or digit"
         )
     return name
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (a rename or new file) to disk; a no-op where unsupported."""
-    if not FSYNC:
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file in the same directory, fsync, os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            fsync_file(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def json_bytes(obj: Any, indent: int | None = None) -> bytes:
@@ -125,7 +91,7 @@ def write_npy(path: Path, array: np.ndarray) -> str:
     data = memoryview(array.reshape(-1).view(np.uint8))
     digest = hashlib.sha256(header.getvalue())
     digest.update(data)
-    with open(path, "wb") as f:
+    with reporting_full_disk(path), open(path, "wb") as f:
         f.write(header.getvalue())
         f.write(data)
         f.flush()

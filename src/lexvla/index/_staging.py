@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lexvla._atomic import reporting_full_disk
 from lexvla.errors import LexVLAError
 from lexvla.index import _io
 
@@ -72,11 +73,32 @@ def stage_add(
     """Durably stage an add of canonical CSR `arrays` (indptr, indices, values) with metadata `lines`."""
     tmp = root / "tmp" / f"add-{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
+    try:
+        info = _write_add(tmp, seq, arrays, lines, keys, source)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+        raise
+    final = root / "pending" / _op_name(seq, "add")
+    final.parent.mkdir(exist_ok=True)
+    os.rename(tmp, final)
+    _io.fsync_dir(final.parent)
+    return PendingOp(seq, "add", final, keys, source, info)
+
+
+def _write_add(
+    tmp: Path,
+    seq: int,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+    lines: list[str],
+    keys: list[str],
+    source: dict[str, str] | None,
+) -> dict[str, Any]:
+    """The files of a staged add, fsynced, into folder `tmp`; returns its info.json content."""
     files = {}
     for (name, dtype), array in zip(_ADD_ARRAYS.items(), arrays):
         files[f"{name}.npy"] = _io.write_npy(tmp / f"{name}.npy", array.astype(dtype, copy=False))
     docs = "".join(line + "\n" for line in lines).encode("utf-8")
-    with open(tmp / "docs.jsonl", "wb") as f:
+    with reporting_full_disk(tmp / "docs.jsonl"), open(tmp / "docs.jsonl", "wb") as f:
         f.write(docs)
         f.flush()
         _io.fsync_file(f.fileno())
@@ -84,11 +106,7 @@ def stage_add(
     info = {"seq": seq, "rows": len(keys), "keys": keys, "source": source, "files": files}
     _io.atomic_write_json(tmp / "info.json", info)
     _io.fsync_dir(tmp)
-    final = root / "pending" / _op_name(seq, "add")
-    final.parent.mkdir(exist_ok=True)
-    os.rename(tmp, final)
-    _io.fsync_dir(final.parent)
-    return PendingOp(seq, "add", final, keys, source, info)
+    return info
 
 
 def stage_delete(root: Path, seq: int, keys: list[str]) -> PendingOp:

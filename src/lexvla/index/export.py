@@ -20,16 +20,14 @@ so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lexvla._atomic import atomic_file
 from lexvla.errors import LexVLAError
-from lexvla.index import _io
 from lexvla.index.sparse import SparseIndex
 
 VECTOR_FIELD = "words"  # the Elasticsearch/OpenSearch field and the Qdrant sparse vector name
@@ -121,21 +119,13 @@ def export_index(
     path = Path(path)
     if path.is_dir() or not path.parent.is_dir():
         raise LexVLAError(f"cannot write the export to {path}: give a file in an existing folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     written = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for doc in _active_docs(index):
-                for line in writer(doc, scale):
-                    f.write(json.dumps(line, ensure_ascii=False))
-                    f.write("\n")
-                written += 1
-            f.flush()
-            _io.fsync_file(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
+        for doc in _active_docs(index):
+            for line in writer(doc, scale):
+                f.write(json.dumps(line, ensure_ascii=False))
+                f.write("\n")
+            written += 1
     return written
 
 

@@ -2,20 +2,16 @@
 
 A checkpoint folder holds `config.json` (the ModelConfig plus format metadata), `model.safetensors`
 (the trained parameters only), `vocab.json` (the lexical vocabulary, checked on load) and a model card
-`README.md`. Folders are written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written checkpoint under the final name. A checkpoint with a NaN or inf weight is never written,
+`README.md`. Folders are written to a temporary sibling, fsynced and renamed into place
+(`lexvla._atomic.atomic_dir`), so a crash, a power cut or a full disk never leaves a half-written
+checkpoint under the final name. A checkpoint with a NaN or inf weight is never written,
 and one is refused on load.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lexvla import __version__
+from lexvla._atomic import atomic_dir
 from lexvla.config import ModelConfig, from_dict, to_dict
 from lexvla.errors import LexVLAError
 from lexvla.vocab import LexicalVocabulary
@@ -71,30 +68,6 @@ def write_model_files(
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     model.vocab.save(folder / "vocab.json")
     (folder / "README.md").write_text(model_card(model), encoding="utf-8")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `path`, on failure it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`; an existing `dst` is swapped out first and then removed."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint_config(path: str | Path) -> ModelConfig:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lexvla._atomic import atomic_write_text
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
 from lexvla.search.corpus import CorpusShard, folder_key, iter_items, list_shards
@@ -242,11 +243,9 @@ def _read_failures(out_dir: Path, shard: str) -> list[dict[str, str]]:
 
 
 def _write_json(path: Path, data: object) -> None:
-    """Atomic write (temporary file + rename), so a kill never leaves half a file."""
+    """Atomic, durable write, so a kill never leaves half a file (a full disk: DiskFullError)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _progress_bar(shards: list[CorpusShard], enabled: bool, rank: int) -> Any:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,10 @@ from torch.autograd.function import FunctionCtx
 from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "LEXVLA_DIST_TIMEOUT_S"  # set-up and collective timeout, seconds
+DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo and NCCL process groups
+TEARDOWN_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ def _select_device(device: str, local_rank: int) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Join the process group the launcher describes (torchrun or SLURM), or run as one process.
 
     torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under SLURM (`srun`) the
@@ -73,9 +79,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
     Args:
         device: "auto", "cpu", "cuda" (this process's local GPU) or an explicit torch device string.
+        timeout_s: how long joining may wait for the other processes, and any collective for the
+            slowest rank (default: $LEXVLA_DIST_TIMEOUT_S, else 1800 s).
 
     Returns:
         The rank, world size, local rank and the device this process should use.
+
+    Raises:
+        LexVLAError: the other processes did not join within the timeout (naming the address).
     """
     rank, world_size, local_rank = _launcher_env()
     torch_device = _select_device(device, local_rank)
@@ -92,9 +103,36 @@ def init_distributed(device: str = "auto") -> DistInfo:
                 "torchrun"
             )
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+        timeout = _timeout_s() if timeout_s is None else timeout_s
+        try:
+            dist.init_process_group(
+                backend,
+                init_method="env://",
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=timeout),
+            )
+        except (RuntimeError, ValueError) as err:  # DistStoreError and DistNetworkError included
+            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            raise LexVLAError(
+                f"rank {rank} of {world_size} could not join the process group at {where} within "
+                f"{timeout:g} s ({type(err).__name__}: {str(err).splitlines()[0]}): start all "
+                f"{world_size} processes, check that the address is reachable, or raise "
+                f"{TIMEOUT_ENV}"
+            ) from None
         logger.info("rank %d/%d joined (%s, %s)", rank, world_size, backend, torch_device)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, torch_device)
+
+
+def _timeout_s() -> float:
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise LexVLAError(f"{TIMEOUT_ENV}={text!r}: give a positive number of seconds")
+    return value
 
 
 def _active() -> bool:
@@ -126,13 +164,31 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def cleanup() -> None:
-    """Leave the process group, if any. `fit` calls it only after success (destroying the group
-    while another rank is still in a collective can hang). No extra barrier here: a barrier right
-    before destroy made gloo abort ("terminate called without an active exception") in 2 of 8 runs
-    of tests/test_distributed.py."""
-    if dist.is_available() and dist.is_initialized():
+def cleanup(timeout_s: float = TEARDOWN_TIMEOUT_S) -> bool:
+    """Leave the process group, if any, waiting at most `timeout_s`; False if it did not finish.
+
+    `fit` calls it only after success (destroying the group while another rank is still in a
+    collective can hang). No extra barrier here: a barrier right before destroy made gloo abort
+    ("terminate called without an active exception") in 2 of 8 runs of tests/test_distributed.py.
+    The group is destroyed in a helper thread so that a teardown that hangs (a peer that vanished)
+    cannot keep this process from exiting: after `timeout_s` it is logged and left behind.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    cuda = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def destroy() -> None:
+        if cuda is not None:
+            torch.cuda.set_device(cuda)  # the current device is per thread
         dist.destroy_process_group()
+
+    thread = threading.Thread(target=destroy, name="lexvla-pg-teardown", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        logger.warning("the process group did not shut down within %g s; exiting anyway", timeout_s)
+        return False
+    return True
 
 
 def _wire_dtype(tensor: Tensor) -> torch.dtype:

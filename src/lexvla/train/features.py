@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lexvla._atomic import atomic_file
 from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
@@ -90,9 +91,8 @@ class ImageFeatureCache:
         if self.folder is not None:
             path = self._file(key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            save_file({"features": features}, str(tmp))
-            os.replace(tmp, path)  # readers never see a half-written file
+            with atomic_file(path) as tmp:  # readers never see a half-written file
+                save_file({"features": features}, str(tmp))
 
     def get(self, pixels: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
         """Features of a batch (B, 3, S, S) -> (B, P, Dv), computing only the missing ones."""
@@ -227,9 +227,8 @@ def _read_chunk(path: Path, rows: int) -> tuple[Tensor, Tensor] | None:
 
 
 def _write_chunk(path: Path, features: Tensor, ok: Tensor) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"features": features, "ok": ok}, str(tmp))
-    os.replace(tmp, path)  # a reader never sees half a chunk
+    with atomic_file(path) as tmp:  # a reader never sees half a chunk; a full disk: DiskFullError
+        save_file({"features": features, "ok": ok}, str(tmp))
 
 
 def dataset_fingerprint(dataset: Any) -> str:

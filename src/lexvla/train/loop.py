@@ -398,20 +398,26 @@ def _model_inputs(t: Trainer, micro: Any) -> dict[str, Any]:
 
 
 def save(t: Trainer) -> None:
-    ckpt.save_checkpoint(
-        t.run_dir,
-        t.state.step,
-        t.model,
-        t.optimizer,
-        t.scheduler,
-        keep=t.cfg.train.keep_checkpoints,
-        extra={
-            "skipped_samples": t.state.skipped_samples,
-            "nonfinite_steps": t.state.nonfinite_steps,
-        },
-        is_writer=t.dist.rank == 0,
-    )
-    barrier()
+    """Write a checkpoint; when it fails on one rank (a full disk on the writer), every rank stops."""
+    failed: LexVLAError | None = None
+    try:
+        ckpt.save_checkpoint(
+            t.run_dir,
+            t.state.step,
+            t.model,
+            t.optimizer,
+            t.scheduler,
+            keep=t.cfg.train.keep_checkpoints,
+            extra={
+                "skipped_samples": t.state.skipped_samples,
+                "nonfinite_steps": t.state.nonfinite_steps,
+            },
+            is_writer=t.dist.rank == 0,
+        )
+    except LexVLAError as err:
+        failed = err
+    if any_rank(failed is not None, t.dist.device):  # also the barrier after the writer
+        raise failed or LexVLAError(f"rank 0 could not write the checkpoint of step {t.state.step}")
 
 
 def evaluate(t: Trainer) -> dict[str, Any]:

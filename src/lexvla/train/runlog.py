@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lexvla._atomic import atomic_write_text, is_disk_full, reporting_full_disk
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,7 +56,7 @@ class RunLogger:
             for line in self.path.read_text(encoding="utf-8").splitlines()
             if _step_of(line) <= step
         ]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def step(self, step: int, metrics: dict[str, float], *, log: bool) -> None:
         if not self.enabled:
@@ -75,21 +77,27 @@ class RunLogger:
             logger.info("step %d eval: %s", step, json.dumps(results))
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.file.write(strict_json(record) + "\n")
-        self.file.flush()
+        with reporting_full_disk(self.path):
+            self.file.write(strict_json(record) + "\n")
+            self.file.flush()
         if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float):
-                    self.tb.add_scalar(key, value, record["step"])
+            with reporting_full_disk(self.path.parent / "tb"):
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, int | float):
+                        self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.file.close()
+        for close in ([self.tb.close] if self.tb is not None else []) + [self.file.close]:
+            try:
+                close()
+            except Exception as err:  # a full disk: already reported by the write that failed
+                if not is_disk_full(err):
+                    raise
+                logger.warning("run log of %s not fully written: %s", self.path.parent, err)
 
 
 def strict_json(value: Any, **kwargs: Any) -> str:
