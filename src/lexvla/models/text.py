@@ -193,10 +193,20 @@ class TextTower(nn.Module):
         if self.cfg.encoder == "bow":
             return self.bag_of_words(captions)
         batch = self.tokenize(captions)
-        prefix_ids = self._prefix_ids() if self.cfg.prefix_cache else None
+        use_prefix = self.cfg.prefix_cache and not self._checkpointing()
+        prefix_ids = self._prefix_ids() if use_prefix else None
         if prefix_ids is not None and _starts_with(batch.input_ids, prefix_ids):
             return self._forward_with_prefix(batch, prefix_ids)
         return self._forward_full(batch)
+
+    def _checkpointing(self) -> bool:
+        """Whether the LLM's blocks recompute their activations in this forward (gradient
+        checkpointing, training mode, gradients on): transformers then runs them without a KV cache,
+        so the prefix keys/values can be neither returned nor used and the uncached path runs."""
+        return torch.is_grad_enabled() and any(
+            getattr(layer, "gradient_checkpointing", False) and layer.training
+            for layer in self.decoder_layers()
+        )
 
     def bag_of_words(self, captions: list[str]) -> Tensor:
         """The "bow" text side: B captions -> (B, V) 0/1 presence of each lexical token in the caption.
