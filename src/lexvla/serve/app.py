@@ -352,15 +352,15 @@ def run(
     import torch
     import uvicorn
 
+    if text_weights is not None and text_weights not in INFERENCE_WEIGHTS:
+        raise LexVLAError(
+            f"--text-weights {text_weights!r}: use one of {', '.join(INFERENCE_WEIGHTS)}"
+        )
     batching = batching or BatchingOptions()
     if batching.threads > 0:
         torch.set_num_threads(batching.threads)
     engine = SearchEngine.open(index, model, milvus=milvus, collection=collection)
     if text_weights is not None:
-        if text_weights not in INFERENCE_WEIGHTS:
-            raise LexVLAError(
-                f"--text-weights {text_weights!r}: use one of {', '.join(INFERENCE_WEIGHTS)}"
-            )
         engine.model.text.cfg.inference_weights = text_weights
     engine.query_from_text("warm up")  # packs the LLM's weights and caches the prompt prefix
     if host not in ("127.0.0.1", "localhost", "::1"):
