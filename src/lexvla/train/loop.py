@@ -48,8 +48,8 @@ from lexvla.train.features import (
     text_feature_table,
 )
 from lexvla.train.optim import create_optimizer, create_scheduler
-from lexvla.train.runlog import RunLogger
-from lexvla.train.targets import CaptionWordTargets, strict_json
+from lexvla.train.runlog import RunLogger, strict_json
+from lexvla.train.targets import CaptionWordTargets
 
 logger = logging.getLogger(__name__)
 
