@@ -99,3 +99,11 @@ def test_word_quality_refuses_data_it_cannot_measure():
         word_quality(IMAGES, TEXTS, TEXT_TO_IMAGE, ["Ein Hund.", "Zwei.", "Ein Auto."], WORDS)
     with pytest.raises(LexVLAError, match="disagree in length"):
         word_quality(IMAGES, TEXTS[:2], TEXT_TO_IMAGE, CAPTIONS, WORDS)
+
+
+def test_words_of_zero_weight_are_not_counted():
+    # a bag-of-words vector shows only its non-zero words: 2 of them, both in the captions
+    bag = torch.zeros(1, len(WORDS))
+    bag[0, WORDS.index("car")] = bag[0, WORDS.index("red")] = 1.0
+    result = word_quality(bag, bag, torch.tensor([0]), ["A red car."], WORDS, k=5)
+    assert result["image_precision"] == result["text_precision"] == pytest.approx(100.0)

@@ -119,6 +119,9 @@ class LexicalConfig(_Checked):
     # the offset starts at `logit_offset_init` (0 with scale 1: the identity).
     logit_affine: bool = False
     logit_offset_init: float = 0.0
+    # 0: the image codebook (V x D) is trained whole; r > 0: it stays the LM-head rows plus a trained
+    # rank-r correction (V·r + r·D parameters instead of V·D: a small checkpoint, less to overfit).
+    image_codebook_rank: int = 0
     pooling: str = "fused"  # "fused" (chunked, memory-lean) or "naive" (materialises (B, P, V))
     pool_chunk_size: int = 4096  # vocabulary chunk of the fused max-pool
     # Arg-max patch search of the fused pool: "float32" (exact) or "bfloat16" (about 2x faster where
@@ -199,6 +202,9 @@ class TrainConfig(_Checked):
     # first step, streaming shards on first use.
     cache_features: bool = True
     feature_cache_dtype: str = "float16"  # storage of cached image features: float16 | float32
+    # Share of each image's patches the trained heads see per step (a random subset, FLIP-style):
+    # the fused pool's cost falls in proportion; evaluation always uses every patch.
+    patch_keep: float = 1.0
     log_every: int = 5  # steps between metrics.jsonl / TensorBoard records
     eval_every: int = 0  # 0: only at the end
     save_every: int = 50  # steps between checkpoints (0: only the final model)
@@ -434,6 +440,7 @@ RANGES: dict[str, Range] = {
     "model.logit_scale_max": POSITIVE,
     "loss.penalty_weight": AT_LEAST_0,
     "loss.caption_words_weight": AT_LEAST_0,
+    "model.lexical.image_codebook_rank": AT_LEAST_0,
     "loss.penalty_warmup_steps": AT_LEAST_0,
     "data.holdout": AT_LEAST_0,
     "data.captions_per_image": AT_LEAST_1,
@@ -443,6 +450,7 @@ RANGES: dict[str, Range] = {
     "train.batch_size": AT_LEAST_1,
     "train.grad_accum": AT_LEAST_1,
     "train.lr": POSITIVE,
+    "train.patch_keep": Range(0, 1, low_included=False, high_included=True),
     "train.codebook_lr": AT_LEAST_0,
     "train.weight_decay": AT_LEAST_0,
     "train.warmup_steps": AT_LEAST_0,

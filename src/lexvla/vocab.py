@@ -159,6 +159,19 @@ class LexicalVocabulary:
             object.__setattr__(self, "_groups_cache", cached)
         return cached
 
+    def word_dims(self, word: str) -> list[int]:
+        """The dimensions a written word stands for: every vocabulary word of its folded form
+        ("dogs" -> "dog" and "dogs"); [] for a stop word, a one-letter word or an unknown word."""
+        folded = self.__dict__.get("_folded_cache")
+        if folded is None:
+            folded = {}
+            for index, display in enumerate(self.words):
+                folded.setdefault(fold_word(display), []).append(index)
+            object.__setattr__(self, "_folded_cache", folded)
+        if len(word) < 2 or word in stop_words():
+            return []
+        return folded.get(fold_word(word), [])
+
     def fingerprint(self) -> str:
         """A short hash of (ids, words): two vocabularies with the same fingerprint are interchangeable."""
         payload = json.dumps([self.token_ids, self.words], separators=(",", ":")).encode()

@@ -48,23 +48,27 @@ def fold_vocabulary(words: Sequence[str]) -> tuple[Tensor, list[str]]:
 
 
 def top_word_ids(weights: Tensor, groups: Tensor, num_groups: int, k: int) -> Tensor:
-    """The `k` heaviest folded words of each vector: (N, V) weights -> (N, k) group ids.
+    """The `k` heaviest folded words of each vector: (N, V) weights -> (N, k) group ids, -1 where a
+    vector has fewer than k words of non-zero weight.
 
     A vector's weight on a folded word is the sum over the dimensions folding to it.
     """
     folded = weights.new_zeros(weights.shape[0], num_groups).index_add_(1, groups, weights)
-    return folded.topk(min(k, num_groups), dim=-1).indices  # (N, k)
+    values, ids = folded.topk(min(k, num_groups), dim=-1)  # (N, k)
+    return torch.where(values > 0, ids, torch.full_like(ids, -1))
 
 
 def precision_at_k(
     top_ids: Tensor, group_words: Sequence[str], truths: Sequence[set[str]]
 ) -> Tensor:
-    """Share of each row's top words found in its truth set (stop words never count): (N,) float."""
+    """Share of each row's top words found in its truth set (stop words never count; words of zero
+    weight are not words a vector shows, so they are left out of its count): (N,) float."""
     stops = stop_words()
-    found = [
-        sum(group_words[i] in truth and group_words[i] not in stops for i in row) / max(len(row), 1)
-        for row, truth in zip(top_ids.tolist(), truths)
-    ]
+    found = []
+    for row, truth in zip(top_ids.tolist(), truths):
+        shown = [group_words[i] for i in row if i >= 0]
+        hits = sum(word in truth and word not in stops for word in shown)
+        found.append(hits / len(shown) if shown else 0.0)
     return torch.tensor(found, dtype=torch.float64)
 
 
@@ -86,7 +90,8 @@ def frequent_top_words(
 ) -> list[dict[str, Any]]:
     """Words in the top k of more than `min_share` of the rows, most frequent first, with flags."""
     rows = max(top_ids.shape[0], 1)
-    counts = torch.bincount(top_ids.flatten(), minlength=len(group_words)).tolist()
+    shown = top_ids.flatten()
+    counts = torch.bincount(shown[shown >= 0], minlength=len(group_words)).tolist()
     stops = stop_words()
     frequent = [
         {
@@ -120,7 +125,7 @@ def object_recall(
     for row, names in zip(top_ids.tolist(), objects):
         if not names:
             continue
-        top = {group_words[i] for i in row}
+        top = {group_words[i] for i in row if i >= 0}
         hits = [bool(caption_words([name]) & top) for name in names]
         recalls.append(sum(hits) / len(hits))
     return torch.tensor(recalls, dtype=torch.float64)
@@ -233,7 +238,7 @@ def top_words_of(weights: Tensor, words: Sequence[str], k: int = 10) -> list[lis
     """The k heaviest folded words of each vector, as words (for examples in reports)."""
     groups, group_words = fold_vocabulary(words)
     ids = top_word_ids(weights.float(), groups, len(group_words), k)
-    return [[group_words[i] for i in row] for row in ids.tolist()]
+    return [[group_words[i] for i in row if i >= 0] for row in ids.tolist()]
 
 
 def words_table(result: dict[str, Any]) -> str:

@@ -57,7 +57,9 @@ def _trainable_part(name: str) -> str:
         return "text_head"
     if ".affine." in name:
         return "logit_affine"
-    return {"vision.codebook": "image_codebook", "logit_scale": "logit_scale"}.get(name, "other")
+    if name.startswith("vision.codebook"):
+        return "image_codebook"
+    return {"logit_scale": "logit_scale"}.get(name, "other")
 
 
 def _finite(weights: Tensor, modality: str) -> Tensor:
@@ -70,6 +72,15 @@ def _finite(weights: Tensor, modality: str) -> Tensor:
             "checkpoint"
         )
     return weights
+
+
+def random_patches(features: Tensor, keep: float) -> Tensor:
+    """A random subset of `round(keep · P)` (at least 1) patches of each image: (B, P, D) -> (B, K, D),
+    drawn from torch's default generator (seeded per step by the trainer)."""
+    B, P, D = features.shape
+    count = max(1, round(keep * P))
+    chosen = torch.rand(B, P, device=features.device).argsort(dim=1)[:, :count]  # (B, K)
+    return features.gather(1, chosen[..., None].expand(B, count, D))
 
 
 class LexVLA(nn.Module):
@@ -162,6 +173,7 @@ class LexVLA(nn.Module):
         texts: Sequence[str] | None = None,
         image_features: Tensor | None = None,
         text_features: Tensor | None = None,
+        patch_keep: float = 1.0,
     ) -> dict[str, Tensor]:
         """Training forward: `{"image_weights", "text_weights", "logit_scale"}` for the objective, and
         the activations before L2 normalisation (`image_activations`, `text_activations`).
@@ -169,10 +181,14 @@ class LexVLA(nn.Module):
         Args:
             pixel_values: (B, 3, S, S) images, or `image_features` (B, P, Dv) cached backbone outputs.
             texts: B captions, or `text_features` (B, D) cached last-token states of a frozen LLM.
+            patch_keep: share of each image's patches the heads see (a random subset per image, as
+                FLIP masks patches: the pool's cost falls in proportion); 1: all of them.
         """
         out: dict[str, Tensor] = {"logit_scale": self.scale()}
         if image_features is None and pixel_values is not None:
             image_features = self.vision.forward_features(pixel_values.to(self.device))
+        if image_features is not None and patch_keep < 1.0:
+            image_features = random_patches(image_features, patch_keep)
         if image_features is not None:
             activations = self.vision.activations(image_features.to(self.device))  # (B, V)
             out["image_activations"] = activations

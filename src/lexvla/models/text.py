@@ -30,7 +30,7 @@ from lexvla.layers.lexical import LogitAffine, lexical_activation
 from lexvla.layers.lora import apply_lora
 from lexvla.models._quiet import quiet_loading
 from lexvla.models.text_inference import PackedDecoder, packed_dtype, supports
-from lexvla.vocab import LexicalVocabulary
+from lexvla.vocab import LexicalVocabulary, caption_tokens
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -148,7 +148,7 @@ class TextTower(nn.Module):
             )
         self.llm = llm
         self._cache_kwarg = _cache_argument(self._decoder())  # the KV-cache argument's name
-        self._lexical_index = {token: i for i, token in enumerate(vocab.token_ids)}
+        self.vocab = vocab
         self._prefix_token_ids: Tensor | None = None
         self._prefix_cache: list[tuple[Tensor, Tensor]] | None = None
         self._prefix_cache_key: tuple | None = None
@@ -241,18 +241,18 @@ class TextTower(nn.Module):
         )
 
     def bag_of_words(self, captions: list[str]) -> Tensor:
-        """The "bow" text side: B captions -> (B, V) 0/1 presence of each lexical token in the caption.
+        """The "bow" text side: B captions -> (B, V) 0/1 presence of each of the caption's words.
 
-        The caption is cleaned, lower-cased and tokenized without special tokens; tokens outside the
-        lexical vocabulary (punctuation, one-letter words) are dropped.
+        A written word counts for every vocabulary word of its folded form (`LexicalVocabulary.
+        word_dims`: "dogs" for "dog" and "dogs"); stop words and words outside the vocabulary are
+        dropped.
         """
         if isinstance(captions, str):
             captions = [captions]
         bags = torch.zeros(len(captions), self.codebook.shape[0], device=self.codebook.device)
         for b, caption in enumerate(captions):
-            ids = self.tokenizer(clean_caption(caption, b).lower(), add_special_tokens=False)
-            kept = [self._lexical_index[t] for t in ids["input_ids"] if t in self._lexical_index]
-            bags[b, kept] = 1.0
+            words = caption_tokens(clean_caption(caption, b))
+            bags[b, [d for word in words for d in self.vocab.word_dims(word)]] = 1.0
         return bags  # (B, V)
 
     def _forward_full(self, batch: TokenizedPrompts) -> Tensor:

@@ -70,7 +70,18 @@ class VisionTower(nn.Module):
             self.affine = (
                 LogitAffine(offset=lexical.logit_offset_init) if lexical.logit_affine else None
             )
-        self.codebook = nn.Parameter(codebook_init.clone())  # (V, D), trained
+        rank = lexical.image_codebook_rank
+        if rank > 0:
+            # Z_img = Z_init + U·W: the LM-head rows stay as they are (rebuilt with the model, not
+            # saved); only the low-rank correction is trained (LoRA's zero-start: U = 0).
+            self.register_buffer("codebook_base", codebook_init.clone(), persistent=False)
+            self.codebook_u = nn.Parameter(codebook_init.new_zeros(codebook_init.shape[0], rank))
+            self.codebook_w = nn.Parameter(
+                torch.randn(rank, codebook_init.shape[1], device=codebook_init.device)
+                / codebook_init.shape[1] ** 0.5
+            )
+        else:
+            self.codebook = nn.Parameter(codebook_init.clone())  # (V, D), trained
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -84,16 +95,22 @@ class VisionTower(nn.Module):
             hidden = self.backbone(pixel_values=pixel_values.to(dtype)).last_hidden_state
         return hidden[:, self.num_prefix_tokens :]  # (B, P, Dv)
 
+    def codebook_weight(self) -> Tensor:
+        """The image codebook (V, D): trained whole, or the LM-head rows plus a trained low-rank part."""
+        if self.lexical.image_codebook_rank > 0:
+            return torch.addmm(self.codebook_base, self.codebook_u, self.codebook_w)
+        return self.codebook
+
     def forward_adapter(self, features: Tensor) -> Tensor:
         """Adapter on patch features: (B, P, Dv) -> (B, P, D)."""
-        return self.adapter(features.to(self.codebook.dtype))
+        return self.adapter(features.to(self.adapter.proj.weight.dtype))
 
     def pooled_logits(self, hidden: Tensor) -> Tensor:
         """Max over patches of the patch logits: (B, P, D) -> (B, V) (the affine map is monotone, so
         it is applied after the max)."""
         pooled = lexical_max_pool(
             hidden,
-            self.codebook,
+            self.codebook_weight(),
             impl=self.lexical.pooling,
             chunk_size=self.lexical.pool_chunk_size,
             search_dtype=self.lexical.pool_search_dtype,
@@ -102,7 +119,7 @@ class VisionTower(nn.Module):
 
     def patch_logits(self, hidden: Tensor) -> Tensor:
         """Per-patch lexical logits: (B, P, D) -> (B, P, V). Memory: B·P·V floats."""
-        logits = hidden @ self.codebook.t()
+        logits = hidden @ self.codebook_weight().t()
         return self.affine(logits) if self.affine is not None else logits
 
     def activations(self, features: Tensor) -> Tensor:

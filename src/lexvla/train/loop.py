@@ -379,7 +379,7 @@ def _forward_losses(t: Trainer, micro: Any, step: int) -> dict[str, Tensor]:
 
 def _model_inputs(t: Trainer, micro: Any) -> dict[str, Any]:
     """Cached frozen features where a cache is on, raw pixels and captions otherwise."""
-    inputs: dict[str, Any] = {}
+    inputs: dict[str, Any] = {"patch_keep": t.cfg.train.patch_keep}
     if micro.image_features is not None:
         inputs["image_features"] = micro.image_features
     elif t.image_cache is not None:

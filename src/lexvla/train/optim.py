@@ -19,7 +19,7 @@ def parameter_groups(named_params: dict[str, nn.Parameter], cfg: TrainConfig) ->
         "codebook": {"params": [], "weight_decay": 0.0, "lr": cfg.codebook_lr},
     }
     for name, param in named_params.items():
-        if name.endswith("vision.codebook"):
+        if name.endswith("vision.codebook"):  # the whole codebook; a low-rank part takes `lr`
             groups["codebook"]["params"].append(param)
         elif param.ndim < 2 or name.endswith(".bias") or "logit_scale" in name or "norm" in name:
             groups["no_decay"]["params"].append(param)

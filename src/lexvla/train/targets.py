@@ -13,35 +13,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lexvla.vocab import (
-    LexicalVocabulary,
-    caption_tokens,
-    fold_word,
-    stop_words,
-)
+from lexvla.vocab import LexicalVocabulary, caption_tokens
 
 
 class CaptionWordTargets:
     """Builds (B, V) soft word targets from each image's captions."""
 
     def __init__(self, vocab: LexicalVocabulary) -> None:
-        self.size = vocab.size
-        self.folded: dict[str, list[int]] = {}
-        for index, word in enumerate(vocab.words):
-            self.folded.setdefault(fold_word(word), []).append(index)
-
-    def dims(self, word: str) -> list[int]:
-        """Vocabulary dimensions a caption word (lower-case) stands for; [] for none or a stop word."""
-        if word in stop_words() or len(word) < 2:
-            return []
-        return self.folded.get(fold_word(word), [])
+        self.vocab = vocab
 
     def __call__(self, captions_per_image: Sequence[Sequence[str]]) -> Tensor:
         """(B, V) float targets; rows sum to 1, or are all zero when no caption word is known."""
-        targets = torch.zeros(len(captions_per_image), self.size)
+        targets = torch.zeros(len(captions_per_image), self.vocab.size)
         for row, captions in enumerate(captions_per_image):
             for caption in captions:
-                dims = {d for word in caption_tokens(caption) for d in self.dims(word)}
+                dims = {d for word in caption_tokens(caption) for d in self.vocab.word_dims(word)}
                 if dims:
                     targets[row, sorted(dims)] += 1.0
         mass = targets.sum(dim=-1, keepdim=True)
