@@ -37,6 +37,12 @@ BENCHMARKS: dict[str, list[str]] = {
     "serve_load": ["--quick"],
     "milvus_scale": ["--quick"],
     "serve_soak": ["--quick"],
+    "text_latency": ["--queries", "12", "--captions", "64", "--profile-queries", "3"],
+    "serve_load_small_offline": ["--quick"],
+}
+# name -> (script, arguments of every run) where the report's name is not the script's
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "serve_load_small_offline": ("serve_load", ["--model", "small-offline"]),
 }
 
 
@@ -52,8 +58,9 @@ def wait_for_quiet(max_load: float, timeout_s: float) -> float:
 
 def run(name: str, quick: bool, out_dir: Path) -> tuple[bool, float]:
     """Run one benchmark script; (succeeded, seconds)."""
-    script = BENCH / f"{name}.py"
-    cmd = [sys.executable, str(script)]
+    script_name, base_args = VARIANTS.get(name, (name, []))
+    script = BENCH / f"{script_name}.py"
+    cmd = [sys.executable, str(script), *base_args]
     if quick:
         source = script.read_text()
         quick_args = BENCHMARKS[name]
@@ -162,6 +169,37 @@ def _serve_soak(r: dict) -> list[str]:
     ]
 
 
+def _text_latency(r: dict) -> list[str]:
+    lines = []
+    for path, rows in r["single_query"].items():
+        cells = ", ".join(
+            f"{n.replace('threads_', '')} thread(s) p50 {row['p50_ms']:.0f} ms (CPU {row['cpu_p50_ms']:.0f})"
+            for n, row in rows.items()
+        )
+        lines.append(f"{path}: one query {cells}")
+    for path, row in r["equality_vs_reference"].items():
+        if isinstance(row, dict):
+            lines.append(
+                f"{path} vs transformers: top-20 same set {row['top20_same_set_fraction']:.0%} of "
+                f"{r['inputs']['captions']} captions, max |Δw| {row['max_abs_weight_diff']:.1e}"
+            )
+    return lines
+
+
+def _serve_load_small_offline(r: dict) -> list[str]:
+    lines = []
+    for phase in ("distinct_texts_cache_off", "repeated_texts_cache_on"):
+        res = r["results"][phase]
+        batching = res.get("text_batching") or {}
+        lines.append(
+            f"{phase}: {res['requests_per_second']:.1f} text queries/s, p50 "
+            f"{res['latency']['p50_ms']:.0f} ms, p99 {res['latency']['p99_ms']:.0f} ms, wrong "
+            f"{res['wrong']}, mean batch {batching.get('mean_batch', 0)}, cache hits "
+            f"{batching.get('cache_hits', 0)}"
+        )
+    return lines
+
+
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "text_encoding": _text_encoding,
     "train_step": _train_step,
@@ -171,6 +209,8 @@ SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "serve_load": _serve_load,
     "milvus_scale": _milvus_scale,
     "serve_soak": _serve_soak,
+    "text_latency": _text_latency,
+    "serve_load_small_offline": _serve_load_small_offline,
 }
 
 
@@ -214,7 +254,9 @@ def main() -> None:
         "to LOAD (the machine is shared; 0: do not wait)",
     )
     args = parser.parse_args()
-    names = [n for n in (args.only or BENCHMARKS) if (BENCH / f"{n}.py").is_file()]
+    names = [
+        n for n in (args.only or BENCHMARKS) if (BENCH / f"{VARIANTS.get(n, (n,))[0]}.py").is_file()
+    ]
     out_dir = Path(tempfile.mkdtemp(prefix="lexvla-bench-")) if args.quick else RESULTS
     status: dict[str, tuple[bool, float]] = {}
     if not args.summary_only:

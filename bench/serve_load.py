@@ -3,6 +3,7 @@ wrong results, upload limits that hold.
 
     .venv/bin/python bench/serve_load.py                          # 8 clients for 30 s
     .venv/bin/python bench/serve_load.py --clients 4 --seconds 10
+    .venv/bin/python bench/serve_load.py --model small-offline    # text queries on the real model
 
 Starts the real server (`lexvla serve`, a separate process, `tiny` model, `--max-upload-mb 1`) on a
 free 127.0.0.1 port over an index of generated images, then runs N client threads for a fixed time (and
@@ -18,6 +19,12 @@ while two "stalled" clients hold connections that sent half a request. The figur
 and p99 latency per kind and overall, status counts, 5xx, wrong answers and transport errors. The
 machine may be shared (2 cores): the report records the load average.
 
+With `--model small-offline` (SmolLM2-135M) the mix is text searches only, each a distinct COCO caption
+(--texts of them, expected answers from `query_from_text` in this process), sent by the clients while
+the server batches them (`--max-batch`, `--max-wait-ms`) with its query cache off, so every query is
+encoded: the figure is text queries/s with p50/p99. A second, short phase then sends a few repeated
+texts to a server with its cache on and reads the cache hits from /api/info.
+
 The load driver (`plan_requests`, `run_load`) is also used by tests/reliability/test_serve_load.py.
 """
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
 import socket
 import subprocess
@@ -46,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import machine_info, package_versions, write_json  # noqa: E402
+from _common import Contention, machine_info, package_versions, write_json  # noqa: E402
 
 TEXTS = ["a dog on the grass", "the blue sea at dusk", "a red boat", "snow on stone", "forest"]
 WORDS = [{"dog": 1.0}, {"sea": 0.7, "boat": 0.4}, {"grass": 1.0, "snow": 0.2, "sky": 0.5}]
@@ -342,13 +350,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(index: Path, port: int, max_upload_mb: int) -> subprocess.Popen:
-    """`lexvla serve` in its own process; returns once it answers /api/info."""
+def start_server(
+    index: Path, port: int, max_upload_mb: int, extra: list[str] | None = None
+) -> subprocess.Popen:
+    """`lexvla serve` in its own process (`extra` options appended); returns once it answers
+    /api/info."""
     command = [
         sys.executable, "-m", "lexvla.cli", "serve", "--index", str(index), "--port", str(port),
-        "--max-upload-mb", str(max_upload_mb),
+        "--max-upload-mb", str(max_upload_mb), *(extra or []),
     ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -364,6 +379,61 @@ def start_server(index: Path, port: int, max_upload_mb: int) -> subprocess.Popen
     raise RuntimeError("lexvla serve did not answer within 180 s")
 
 
+def text_plans(engine: Any, texts: list[str], k: int = 8) -> list[Planned]:
+    """One text search per text, each checked against its single-query answer in this process."""
+    plans = []
+    for text in texts:
+        query = engine.query_from_text(text)
+        expected = same_hits(*engine.index.search_ids(*query.to_arrays(), k))
+        plans.append(json_request("text", "/api/search", {"text": text, "k": k}, check=expected))
+    return plans
+
+
+def server_info(port: int) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/api/info")
+    return json.loads(conn.getresponse().read())
+
+
+def run_phase(index: Path, plans: list[Planned], server_args: list[str], **load: Any) -> dict:
+    """Start a server, drive it with `plans`, read its batching counters, stop it."""
+    port = free_port()
+    server = start_server(index, port, 1, server_args)
+    try:
+        figures = run_load("127.0.0.1", port, plans, **load)
+        figures["text_batching"] = server_info(port).get("text_batching")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return figures
+
+
+def real_model_phases(args: argparse.Namespace, root: Path, engine: Any) -> dict[str, Any]:
+    """Distinct captions with the cache off (throughput), then repeated texts with it on."""
+    from text_encoding import load_captions
+
+    captions, source = load_captions(args.texts, args.captions_file)
+    start = time.perf_counter()
+    plans = text_plans(engine, captions)
+    single_s = (time.perf_counter() - start) / len(captions)
+    batching = ["--threads", str(args.threads), "--max-batch", str(args.max_batch),
+                "--max-wait-ms", str(args.max_wait_ms)]  # fmt: skip
+    distinct = run_phase(
+        root / "index", plans, [*batching, "--query-cache", "0"], clients=args.clients,
+        seconds=args.seconds, max_requests=args.max_requests, stalled=0,
+    )  # fmt: skip
+    repeated = run_phase(
+        root / "index", plans[:5], [*batching, "--query-cache", "1024"], clients=args.clients,
+        seconds=min(10.0, args.seconds), max_requests=args.max_requests, stalled=0,
+    )  # fmt: skip
+    return {
+        "caption_source": source,
+        "single_query_in_process_ms": round(single_s * 1000, 1),
+        "distinct_texts_cache_off": distinct,
+        "repeated_texts_cache_on": repeated,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -371,11 +441,25 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=200_000)
     parser.add_argument("--documents", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="4 clients, 8 s, 60 documents")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
+    parser.add_argument("--model", default="tiny", help="tiny (the full mix) or small-offline")
+    parser.add_argument("--texts", type=int, default=300, help="distinct captions (small-offline)")
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=3.0)
+    parser.add_argument("--captions-file", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    real = args.model != "tiny"
     if args.quick:
-        args.clients, args.seconds, args.documents = 4, 8.0, 60
+        args.clients, args.seconds, args.documents, args.texts = 4, 8.0, 60, 60
+    if args.captions_file is None:
+        from text_encoding import COCO_CAPTIONS
+
+        args.captions_file = COCO_CAPTIONS
+    name = "serve_load_small_offline.json" if real else "serve_load.json"
+    args.out = args.out or ROOT / "bench" / "results" / name
     machine = {**machine_info(), "versions": package_versions("fastapi", "uvicorn", "starlette")}
+    contention = Contention()
 
     from lexvla.index import build_index
     from lexvla.search import SearchEngine, encode_corpus
@@ -384,51 +468,75 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lexvla-serve-load-") as tmp:
         root = Path(tmp)
         paths = make_corpus(root / "images", args.documents)
-        encode_corpus("tiny", root / "images", root / "lex", progress=False, model_name="tiny")
+        encode_corpus(
+            args.model, root / "images", root / "lex", progress=False, model_name=args.model
+        )
         build_index(root / "lex", root / "index")
-        engine = SearchEngine.open(root / "index", "tiny")
-        plans = plan_requests(engine, [p.read_bytes() for p in paths[:3]], max_upload_mb)
-        port = free_port()
-        server = start_server(root / "index", port, max_upload_mb)
-        try:
-            figures = run_load(
-                "127.0.0.1", port, plans, clients=args.clients, seconds=args.seconds,
-                max_requests=args.max_requests,
-            )  # fmt: skip
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        engine = SearchEngine.open(root / "index", args.model)
+        if real:
+            figures = real_model_phases(args, root, engine)
+        else:
+            plans = plan_requests(engine, [p.read_bytes() for p in paths[:3]], max_upload_mb)
+            port = free_port()
+            server = start_server(root / "index", port, max_upload_mb)
+            try:
+                figures = run_load(
+                    "127.0.0.1", port, plans, clients=args.clients, seconds=args.seconds,
+                    max_requests=args.max_requests,
+                )  # fmt: skip
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+    inputs = {"model": args.model, "documents": args.documents, "clients": args.clients,
+              "seconds": args.seconds}  # fmt: skip
+    if real:
+        inputs.update(texts=args.texts, threads=args.threads, max_batch=args.max_batch,
+                      max_wait_ms=args.max_wait_ms)  # fmt: skip
+        targets = real_model_targets(figures)
+    else:
+        inputs.update(max_upload_mb=max_upload_mb, mix=dict(Counter(p.kind for p in plans)))
+        targets = tiny_targets(figures)
     report = {
         "benchmark": "lexvla serve under load (bench/serve_load.py)",
         "machine": machine,
-        "inputs": {
-            "model": "tiny",
-            "documents": args.documents,
-            "clients": args.clients,
-            "seconds": args.seconds,
-            "max_upload_mb": max_upload_mb,
-            "mix": dict(Counter(p.kind for p in plans)),
-        },
+        "contention": contention.report(),
+        "inputs": inputs,
         "method": __doc__.split("\n\n", 2)[2].strip(),
         "results": figures,
-        "targets": {
-            "zero_5xx": figures["server_errors_5xx"] == 0,
-            "zero_wrong_answers": figures["wrong"] == 0,
-            "zero_transport_errors": figures["transport_errors"] == 0,
-            "uploads_over_the_limit_refused": figures["by_kind"]
-            .get("too-large", {})
-            .get("wrong", 1)
-            == 0,
-        },
+        "targets": targets,
     }
     write_json(args.out, report)
-    print(json.dumps({k: v for k, v in figures.items() if k != "by_kind"}, indent=1))
-    for kind, row in figures["by_kind"].items():
-        print(f"{kind:<10} {row['count']:>6} requests  p50 {row.get('p50_ms', 0):>7.1f} ms  "
-              f"p99 {row.get('p99_ms', 0):>7.1f} ms  wrong {row['wrong']}  {row['statuses']}")  # fmt: skip
+    for phase, rows in ([("distinct", figures["distinct_texts_cache_off"]),
+                         ("repeated", figures["repeated_texts_cache_on"])] if real
+                        else [("mix", figures)]):  # fmt: skip
+        print(phase, json.dumps({k: v for k, v in rows.items() if k != "by_kind"}))
+        for kind, row in rows["by_kind"].items():
+            print(f"{kind:<10} {row['count']:>6} requests  p50 {row.get('p50_ms', 0):>7.1f} ms  "
+                  f"p99 {row.get('p99_ms', 0):>7.1f} ms  wrong {row['wrong']}  {row['statuses']}")  # fmt: skip
     print("targets:", json.dumps(report["targets"]))
     print(f"wrote {args.out}")
     sys.exit(0 if all(report["targets"].values()) else 1)
+
+
+def tiny_targets(figures: dict[str, Any]) -> dict[str, bool]:
+    return {
+        "zero_5xx": figures["server_errors_5xx"] == 0,
+        "zero_wrong_answers": figures["wrong"] == 0,
+        "zero_transport_errors": figures["transport_errors"] == 0,
+        "uploads_over_the_limit_refused": figures["by_kind"].get("too-large", {}).get("wrong", 1)
+        == 0,
+    }
+
+
+def real_model_targets(figures: dict[str, Any]) -> dict[str, bool]:
+    distinct, repeated = figures["distinct_texts_cache_off"], figures["repeated_texts_cache_on"]
+    return {
+        "text_queries_per_s_at_least_30": distinct["requests_per_second"] >= 30,
+        "zero_wrong_answers": distinct["wrong"] + repeated["wrong"] == 0,
+        "zero_5xx": distinct["server_errors_5xx"] + repeated["server_errors_5xx"] == 0,
+        "zero_transport_errors": distinct["transport_errors"] + repeated["transport_errors"] == 0,
+        "repeated_texts_from_cache": (repeated.get("text_batching") or {}).get("cache_hits", 0) > 0,
+    }
 
 
 if __name__ == "__main__":

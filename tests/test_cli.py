@@ -158,3 +158,28 @@ def test_serve_passes_limits_to_the_server(monkeypatch, tmp_path):
     assert calls[0]["timeout"] == 2.5 and calls[0]["max_upload_mb"] == 3
     refused = runner.invoke(app, ["serve", "--index", str(tmp_path), "--timeout", "0"])
     assert isinstance(refused.exception, LexVLAError) and "--timeout" in str(refused.exception)
+
+
+def test_serve_passes_batching_options_to_the_server(monkeypatch, tmp_path):
+    """`--max-batch/--max-wait-ms/--query-cache/--threads/--text-weights` reach the server; bad values
+    are refused naming the option."""
+    from lexvla.serve.app import BatchingOptions
+
+    calls = []
+    monkeypatch.setattr("lexvla.serve.app.run", lambda *args, **kwargs: calls.append(kwargs))
+    args = ["serve", "--index", str(tmp_path), "--max-batch", "8", "--max-wait-ms", "5",
+            "--query-cache", "0", "--threads", "2", "--text-weights", "auto"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert calls[0]["batching"] == BatchingOptions(8, 5.0, 0, 2)
+    assert calls[0]["text_weights"] == "auto"
+    assert runner.invoke(app, ["serve", "--index", str(tmp_path)]).exit_code == 0
+    assert calls[1]["batching"] == BatchingOptions() and calls[1]["text_weights"] is None
+    refused = runner.invoke(app, ["serve", "--index", str(tmp_path), "--max-batch", "0"])
+    assert isinstance(refused.exception, LexVLAError) and "--max-batch" in str(refused.exception)
+
+
+def test_serve_refuses_unknown_text_weights(tmp_path):
+    result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--text-weights", "int3"])
+    assert isinstance(result.exception, LexVLAError)
+    assert "--text-weights 'int3': use one of float32" in str(result.exception)

@@ -201,3 +201,14 @@ def test_every_range_rule_names_a_field_of_its_section():
     assert set(SECTIONS) == _nested_config_types(ExperimentConfig())  # every section is checked
     keys = {f"{s}.{f.name}" for cls, s in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert set(RANGES) <= keys, set(RANGES) - keys  # no rule for a renamed or removed field
+
+
+def test_a_string_outside_its_choices_is_refused_with_its_key():
+    from lexvla.config import CHOICES, TextConfig
+
+    with pytest.raises(LexVLAError, match=r"'model\.text\.inference_weights' must be one of"):
+        TextConfig(inference_weights="int4")
+    with pytest.raises(LexVLAError, match=r"model\.text\.inference_weights.*got 'fp32'"):
+        apply_overrides(get_preset("tiny"), ["model.text.inference_weights=fp32"])
+    for value in CHOICES["model.text.inference_weights"]:
+        assert TextConfig(inference_weights=value).inference_weights == value

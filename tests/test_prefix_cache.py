@@ -77,3 +77,29 @@ def test_cached_equals_uncached_on_smollm2(small_offline_model, prompt):
         model.text.cfg.prompt = original
         model.text._prefix_token_ids = None
     torch.testing.assert_close(cached_w, full_w, rtol=1e-4, atol=1e-4)
+
+
+def test_grad_checkpointing_falls_back_to_the_uncached_forward():
+    # transformers runs checkpointed blocks without a KV cache: the prefix cache must step aside
+    # (it crashed in `_prefix_kv`, and a dropped prefix would silently change the features).
+    model = create_model("tiny", overrides=["text.lora_dropout=0"]).train()
+    model.set_grad_checkpointing(True)
+    grads, features = [], []
+    for use_cache in (True, False):
+        model.zero_grad()
+        model.text.cfg.prefix_cache = use_cache
+        out = model.text.forward_features(CAPTIONS)
+        model.text(out).sum().backward()
+        features.append(out.detach())
+        grads.append(
+            {n: p.grad.clone() for n, p in model.text.llm.named_parameters() if p.requires_grad}
+        )
+    assert grads[0]
+    torch.testing.assert_close(features[0], features[1], rtol=1e-5, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+    model.set_grad_checkpointing(False)
+    with torch.no_grad():  # no checkpointing without gradients: the cached path runs again
+        model.text.cfg.prefix_cache = True
+        cached = model.text.forward_features(CAPTIONS)
+    torch.testing.assert_close(cached, features[1], rtol=1e-5, atol=1e-5)

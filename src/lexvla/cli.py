@@ -595,18 +595,43 @@ def serve(
     timeout: Annotated[
         float, typer.Option(help="Seconds a request may spend in the model or index (then 504).")
     ] = 60.0,
+    max_batch: Annotated[
+        int, typer.Option(help="Most concurrent text queries encoded in one forward.")
+    ] = 16,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="How long a text query waits for others to share its forward.")
+    ] = 3.0,
+    query_cache: Annotated[
+        int, typer.Option(help="Repeated text queries answered from a cache of this many (0: off).")
+    ] = 1024,
+    threads: Annotated[
+        int,
+        typer.Option(help="Torch threads (0: torch's default; 1 stays fast on a shared machine)."),
+    ] = 1,
+    text_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Text encoder weights at inference: float32 | bfloat16 | auto | transformers "
+            "(default: the model's model.text.inference_weights)."
+        ),
+    ] = None,
 ) -> None:
     """The web app: search by text or image, see why each result matched, steer the query.
 
     Example: [bold]lexvla serve --index demo-output/index --model demo-output/run[/bold]
     or [bold]lexvla serve --milvus http://127.0.0.1:19530 --collection photos[/bold]
     """
-    from lexvla.serve.app import run
+    from lexvla.serve.app import BatchingOptions, run
 
     if timeout <= 0:
         raise LexVLAError(f"--timeout must be > 0 seconds, got {timeout}")
     if (index is None) == (milvus is None):
         raise LexVLAError("give exactly one of --index FOLDER or --milvus URI")
+    if max_batch < 1 or max_wait_ms < 0 or query_cache < 0 or threads < 0:
+        raise LexVLAError(
+            "--max-batch must be >= 1 and --max-wait-ms, --query-cache and --threads >= 0"
+        )
+    batching = BatchingOptions(max_batch, max_wait_ms, query_cache, threads)
     run(
         index,
         model,
@@ -616,6 +641,8 @@ def serve(
         timeout=timeout,
         milvus=milvus,
         collection=collection,
+        batching=batching,
+        text_weights=text_weights,
     )
 
 

@@ -7,7 +7,8 @@ training and evaluation settings in :class:`ExperimentConfig`. Named presets liv
 
 Conversion is strict: an unknown key or a value of the wrong type raises :class:`LexVLAError` naming the
 dotted key, so a typo never silently falls back to a default. Values are checked too, whenever a config
-is built: a float must be finite and a number must lie in its :data:`RANGES` entry (`train.lr` > 0, ...).
+is built: a float must be finite, a number must lie in its :data:`RANGES` entry (`train.lr` > 0, ...) and
+a string with a few meaningful values must be one of its :data:`CHOICES`.
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ class TextConfig(_Checked):
     # own prediction). With a frozen LLM (use_lora=false) it trains the text side on cached features.
     head: str = "none"
     head_mlp_ratio: float = 1.0  # hidden width of the "mlp" head / LLM width
+    # How a Llama LLM (without LoRA) encodes at inference (eval mode, no gradient): a lean forward
+    # with its weights packed once (models/text_inference.py), "float32" (equal to the transformers
+    # forward within float rounding) or "bfloat16" (about 2x faster where the CPU multiplies bf16
+    # natively, AVX512-BF16/AMX; scores within ~1e-3 but near-tied top words may swap:
+    # docs/performance.md); "auto": bfloat16 where native, else float32; "transformers": the model's
+    # own forward (the reference).
+    inference_weights: str = "float32"
 
 
 @dataclass
@@ -457,9 +465,23 @@ RANGES: dict[str, Range] = {
 }
 
 
+# String fields that take one of a few values (checked like RANGES, whenever a config is built).
+INFERENCE_WEIGHTS = ("float32", "bfloat16", "auto", "transformers")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.text.inference_weights": INFERENCE_WEIGHTS,
+}
+
+
 def check_values(cfg: Any) -> None:
-    """Refuse a non-finite float or a number outside its :data:`RANGES` entry, naming the dotted key."""
+    """Refuse a non-finite float or a number outside its :data:`RANGES` entry, or a string that is
+    not one of its :data:`CHOICES`, naming the dotted key."""
     section = SECTIONS.get(type(cfg), type(cfg).__name__)
+    for f in dataclasses.fields(cfg):
+        key, value = f"{section}.{f.name}", getattr(cfg, f.name)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise LexVLAError(
+                f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}"
+            )
     for name, value in _numbers(cfg):
         key = f"{section}.{name}"
         if isinstance(value, float) and not math.isfinite(value):

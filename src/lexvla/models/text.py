@@ -29,6 +29,7 @@ from lexvla.errors import LexVLAError
 from lexvla.layers.lexical import LogitAffine, lexical_activation
 from lexvla.layers.lora import apply_lora
 from lexvla.models._quiet import quiet_loading
+from lexvla.models.text_inference import PackedDecoder, packed_dtype, supports
 from lexvla.vocab import LexicalVocabulary, caption_tokens
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -151,6 +152,9 @@ class TextTower(nn.Module):
         self._prefix_token_ids: Tensor | None = None
         self._prefix_cache: list[tuple[Tensor, Tensor]] | None = None
         self._prefix_cache_key: tuple | None = None
+        self._packable = cfg.encoder == "llm" and supports(self._decoder())
+        self._packed: PackedDecoder | None = None
+        self._packed_key: tuple | None = None
 
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's transformer blocks (the units FSDP shards)."""
@@ -193,10 +197,48 @@ class TextTower(nn.Module):
         if self.cfg.encoder == "bow":
             return self.bag_of_words(captions)
         batch = self.tokenize(captions)
-        prefix_ids = self._prefix_ids() if self.cfg.prefix_cache else None
-        if prefix_ids is not None and _starts_with(batch.input_ids, prefix_ids):
+        use_prefix = self.cfg.prefix_cache and not self._checkpointing()
+        prefix_ids = self._prefix_ids() if use_prefix else None
+        if prefix_ids is not None and not _starts_with(batch.input_ids, prefix_ids):
+            prefix_ids = None
+        if self._inference_path():
+            return self._forward_packed(batch, prefix_ids)
+        if prefix_ids is not None:
             return self._forward_with_prefix(batch, prefix_ids)
         return self._forward_full(batch)
+
+    def _inference_path(self) -> bool:
+        """Whether this forward may run the packed decoder (`inference_weights`): in eval mode, with no
+        gradient to the LLM, on a Llama decoder without LoRA."""
+        if self.cfg.inference_weights == "transformers" or self.training or not self._packable:
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters()))
+
+    def _forward_packed(self, batch: TokenizedPrompts, prefix_ids: Tensor | None) -> Tensor:
+        device = self.codebook.device
+        K = 0 if prefix_ids is None else len(prefix_ids)
+        prefix = None if prefix_ids is None else self._prefix_kv(prefix_ids)
+        hidden = self._packed_decoder()(batch.input_ids[:, K:].to(device), prefix)  # (B, T - K, D)
+        rows = torch.arange(hidden.shape[0], device=device)
+        return hidden[rows, (batch.last_index - K).to(device)]  # (B, D)
+
+    def _packed_decoder(self) -> PackedDecoder:
+        """The packed copy of the LLM's weights, rebuilt when they or `inference_weights` change."""
+        dtype = packed_dtype(self.cfg.inference_weights, self.codebook.device)
+        key = (dtype, self.codebook.device, tuple(p._version for p in self.llm.parameters()))
+        if self._packed is None or self._packed_key != key:
+            self._packed = None  # free the old copy first
+            self._packed, self._packed_key = PackedDecoder(self._decoder(), dtype), key
+        return self._packed
+
+    def _checkpointing(self) -> bool:
+        """Whether the LLM's blocks recompute their activations in this forward (gradient
+        checkpointing, training mode, gradients on): transformers then runs them without a KV cache,
+        so the prefix keys/values can be neither returned nor used and the uncached path runs."""
+        return torch.is_grad_enabled() and any(
+            getattr(layer, "gradient_checkpointing", False) and layer.training
+            for layer in self.decoder_layers()
+        )
 
     def bag_of_words(self, captions: list[str]) -> Tensor:
         """The "bow" text side: B captions -> (B, V) 0/1 presence of each of the caption's words.

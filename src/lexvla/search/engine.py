@@ -114,15 +114,18 @@ class SearchEngine:
     # ------------------------------------------------------------------------------ queries
     def query_from_text(self, text: str) -> Query:
         """Encode a text with the model's text branch into a query (sparsified, top words kept)."""
-        if not isinstance(text, str) or not text.strip():
-            raise LexVLAError("the text query is empty: type a few words describing the image")
-        text = utf8_text(text)  # a JSON "\\ud800" escape is no text a tokenizer takes
+        return self.queries_from_texts([text])[0]
+
+    def queries_from_texts(self, texts: list[str]) -> list[Query]:
+        """Encode several texts in one forward of the text branch: one query per text, in order
+        (each equal to its `query_from_text` within float rounding)."""
+        texts = [query_text(text) for text in texts]
         with (
             self._lock,
             torch.no_grad(),
         ):  # no_grad, not inference_mode: model caches stay trainable
-            weights = self.model.encode_text([text.strip()]).text_weights
-        return self._to_query(weights, f"text: {text.strip()}")
+            weights = self.model.encode_text(texts).text_weights
+        return [self._to_query(weights[i : i + 1], f"text: {text}") for i, text in enumerate(texts)]
 
     def query_from_image(self, image: ImageLike) -> Query:
         """Encode an image (path, bytes or PIL) into a query (sparsified, top words kept)."""
@@ -297,6 +300,13 @@ class SearchEngine:
         ):
             out = self.model.encode_image([picture], return_patches=True, crop=False)
         return out.patch_weights[0].float().cpu()
+
+
+def query_text(text: str) -> str:
+    """The text a query encodes: stripped, UTF-8-safe; an empty one is refused (LexVLAError)."""
+    if not isinstance(text, str) or not text.strip():
+        raise LexVLAError("the text query is empty: type a few words describing the image")
+    return utf8_text(text).strip()  # a JSON "\\ud800" escape is no text a tokenizer takes
 
 
 def _hit_dict(hit: Any, words: tuple[str, ...]) -> dict[str, Any]:

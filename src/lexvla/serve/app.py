@@ -26,6 +26,7 @@ import io
 import logging
 from collections import OrderedDict
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,14 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from lexvla.config import INFERENCE_WEIGHTS
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
 from lexvla.search import SearchEngine
 from lexvla.search.corpus import utf8_text
 from lexvla.search.encode import clean_error
-from lexvla.search.engine import EMPTY_QUERY_MESSAGE
+from lexvla.search.engine import EMPTY_QUERY_MESSAGE, query_text
+from lexvla.serve.batching import TextBatcher
 from lexvla.serve.limits import JSON_MAX_BYTES, BodySizeLimit, Worker
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,23 @@ class DocQuery(BaseModel):
     k: int = Field(10, ge=1, le=50)
 
 
+@dataclass
+class BatchingOptions:
+    """How `lexvla serve` answers text queries (serve/batching.py).
+
+    max_batch: the most texts in one forward; max_wait_ms: how long a text waits for others;
+    query_cache: repeated texts answered from an LRU cache of this many (0: none); threads: torch
+    threads of the server (0: torch's default). One thread by default: on a shared machine OpenMP
+    with two threads stalls whenever another process holds a core, and batching gives the
+    throughput.
+    """
+
+    max_batch: int = 16
+    max_wait_ms: float = 3.0
+    query_cache: int = 1024
+    threads: int = 1
+
+
 class ApiError(Exception):
     """An error with its HTTP status, rendered as `{"error": message}`."""
 
@@ -80,6 +100,7 @@ def create_app(
     timeout: float = 60.0,
     thumbnail_cache: int = 512,
     max_json_kb: float = JSON_MAX_BYTES / 2**10,
+    batching: BatchingOptions | None = None,
 ) -> FastAPI:
     """The FastAPI app over `engine`.
 
@@ -89,14 +110,25 @@ def create_app(
         timeout: seconds a request may spend in the model or index before it answers 504.
         thumbnail_cache: how many encoded thumbnails to keep in memory.
         max_json_kb: the largest request body accepted by every other endpoint; larger answers 413.
+        batching: how concurrent text queries share a forward, and the query cache.
     """
     worker = Worker(timeout)
     max_bytes = int(max_upload_mb * 2**20)
+    options = batching or BatchingOptions()
+    texts = TextBatcher(
+        engine.queries_from_texts,
+        check=query_text,
+        max_batch=options.max_batch,
+        max_wait_ms=options.max_wait_ms,
+        cache_size=options.query_cache,
+        threads=options.threads,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
         yield
         worker.shutdown()
+        texts.close()
 
     app = FastAPI(title="LexVLA search", lifespan=lifespan, docs_url="/api/docs-ui")
     app.state.engine = engine
@@ -107,7 +139,7 @@ def create_app(
         upload_paths=UPLOAD_PATHS,
     )
     _add_error_handlers(app)
-    _add_search_routes(app, engine, worker, max_bytes)
+    _add_search_routes(app, engine, worker, texts, max_bytes)
     _add_document_routes(app, engine, worker, thumbnail_cache)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -148,10 +180,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response("invalid request: " + "; ".join(problems), 422)
 
 
-def _add_search_routes(app: FastAPI, engine: SearchEngine, worker: Worker, max_bytes: int) -> None:
+def _add_search_routes(
+    app: FastAPI, engine: SearchEngine, worker: Worker, texts: TextBatcher, max_bytes: int
+) -> None:
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        return engine.info()
+        return {**engine.info(), "text_batching": texts.info()}
 
     @app.post("/api/search")
     async def search(body: SearchRequest) -> dict[str, Any]:
@@ -160,7 +194,7 @@ def _add_search_routes(app: FastAPI, engine: SearchEngine, worker: Worker, max_b
                 400, 'give exactly one of "text" (a query text) or "words" (word: weight)'
             )
         if body.text is not None:
-            query = await worker(engine.query_from_text, body.text)
+            query = await worker.wait(texts(body.text))
         else:
             if not body.words:
                 raise ApiError(400, EMPTY_QUERY_MESSAGE)
@@ -301,6 +335,8 @@ def run(
     max_upload_mb: float = 8,
     timeout: float = 60.0,
     log_level: str = "info",
+    batching: BatchingOptions | None = None,
+    text_weights: str | None = None,
 ) -> None:
     """Open the index and its model, then serve the page and API until interrupted.
 
@@ -310,12 +346,25 @@ def run(
         model: preset / run / checkpoint; None uses the model recorded in the index.
         host: the address to bind; keep 127.0.0.1 unless the machine's network is trusted.
         port: the TCP port.
+        batching: text micro-batching, query cache and torch threads.
+        text_weights: overrides the model's `model.text.inference_weights` (e.g. "auto").
     """
+    import torch
     import uvicorn
 
+    if text_weights is not None and text_weights not in INFERENCE_WEIGHTS:
+        raise LexVLAError(
+            f"--text-weights {text_weights!r}: use one of {', '.join(INFERENCE_WEIGHTS)}"
+        )
+    batching = batching or BatchingOptions()
+    if batching.threads > 0:
+        torch.set_num_threads(batching.threads)
     engine = SearchEngine.open(index, model, milvus=milvus, collection=collection)
+    if text_weights is not None:
+        engine.model.text.cfg.inference_weights = text_weights
+    engine.query_from_text("warm up")  # packs the LLM's weights and caches the prompt prefix
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: anyone who can reach this address can search", host)
-    app = create_app(engine, max_upload_mb=max_upload_mb, timeout=timeout)
+    app = create_app(engine, max_upload_mb=max_upload_mb, timeout=timeout, batching=batching)
     logger.info("LexVLA search on http://%s:%d (%d images)", host, port, len(engine))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)

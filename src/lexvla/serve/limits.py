@@ -128,6 +128,10 @@ class Worker:
         future: Awaitable[T] = loop.run_in_executor(
             self.pool, functools.partial(fn, *args, **kwargs)
         )
+        return await self.wait(future)
+
+    async def wait(self, future: Awaitable[T]) -> T:
+        """`future`'s result, or 504 once it has taken `timeout` seconds."""
         try:
             return await asyncio.wait_for(future, self.timeout)
         except TimeoutError:

@@ -1,0 +1,164 @@
+"""The text tower's inference path: one lean forward over a Llama LLM's blocks, weights packed once.
+
+Encoding a query is ~20 new tokens through the LLM, so its time is the 210 small matrix products of the
+blocks plus, in the transformers forward, about as many small operations again (masks, cache objects,
+per-projection calls). :class:`PackedDecoder` runs the same arithmetic with less around it:
+
+- the query/key/value projections and the gate/up projections are concatenated into one matrix each,
+  and every weight is packed once for oneDNN (float32, or bfloat16 where the CPU multiplies it
+  natively: AVX512-BF16/AMX); the residual stream, norms, rotary embedding and attention stay float32;
+- right padding needs no padding mask: a row's last real token never attends to the padding after it,
+  so one causal mask over (prefix keys + new tokens) serves the whole batch;
+- the prompt prefix's keys/values come from the tower's prefix cache (computed by the transformers
+  forward in float32), so both paths attend to the same prefix.
+
+It applies to Llama-family decoders without LoRA (:func:`supports`); the tower uses the transformers
+forward for anything else, and in training. Equality with the transformers forward is tested
+(tests/test_text_inference.py) and measured on the real model (bench/text_latency.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaModel,
+    apply_rotary_pos_emb,
+)
+
+from lexvla.layers.lexical import native_bf16_matmul
+
+
+def supports(decoder: nn.Module) -> bool:
+    """Whether `decoder` (a transformers `LlamaModel`) can run packed: Llama blocks whose projections
+    are plain linear layers (no LoRA wrappers) and a SiLU-gated MLP."""
+    if not isinstance(decoder, LlamaModel) or decoder.config.hidden_act != "silu":
+        return False
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return all(
+        isinstance(layer, LlamaDecoderLayer)
+        and all(type(getattr(layer.self_attn, p)) is nn.Linear for p in projections)
+        and all(
+            type(getattr(layer.mlp, p)) is nn.Linear for p in ("gate_proj", "up_proj", "down_proj")
+        )
+        for layer in decoder.layers
+    )
+
+
+def packed_dtype(weights: str, device: torch.device) -> torch.dtype:
+    """The packed weights' dtype for an `inference_weights` choice ("auto": bf16 where native)."""
+    if weights == "bfloat16" or (weights == "auto" and native_bf16_matmul(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
+class PackedLinear:
+    """`x · Wᵀ (+ b)` for a frozen weight packed once: float32 (..., K) in, float32 (..., N) out.
+
+    On a CPU with oneDNN the weight is reordered into its blocked layout ahead of time; in bfloat16 the
+    input is rounded to bf16 for the product, which accumulates in float32. Elsewhere `F.linear`.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.weight = weight.detach().to(dtype).contiguous()  # (N, K)
+        self.bias = None if bias is None else bias.detach().float()
+        self.packed: Tensor | None = None
+        if weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
+        else:
+            out = F.linear(flat, self.weight)
+        out = out.float()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _fused(*linears: nn.Linear, dtype: torch.dtype) -> PackedLinear:
+    """One packed product for several projections of the same input (outputs concatenated)."""
+    weight = torch.cat([lin.weight for lin in linears])
+    biases = [lin.bias for lin in linears]
+    bias = (
+        None
+        if all(b is None for b in biases)
+        else torch.cat(
+            [
+                b if b is not None else lin.weight.new_zeros(lin.out_features)
+                for b, lin in zip(biases, linears)
+            ]
+        )
+    )
+    return PackedLinear(weight, bias, dtype)
+
+
+class _PackedBlock:
+    """One Llama decoder block's packed projections and its two norms (the module's own)."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, dtype=dtype)
+        self.o = PackedLinear(attn.o_proj.weight, attn.o_proj.bias, dtype)
+        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, dtype=dtype)
+        self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, dtype)
+        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_width, self.kv_width = attn.q_proj.out_features, attn.k_proj.out_features
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+
+
+class PackedDecoder:
+    """The final-normed hidden states of a Llama decoder for new tokens after an optional cached
+    prefix: `(ids (B, T), prefix [(keys, values)] per block or None) -> (B, T, D)` in float32.
+
+    Built once from the decoder's weights (a packed copy); the tower rebuilds it when they change.
+    """
+
+    def __init__(self, decoder: nn.Module, dtype: torch.dtype) -> None:
+        self.decoder = decoder  # embeddings, rotary embedding and final norm are used in place
+        self.dtype = dtype
+        self.blocks = [_PackedBlock(layer, dtype) for layer in decoder.layers]
+
+    def __call__(self, input_ids: Tensor, prefix: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+        B, T = input_ids.shape
+        K = 0 if prefix is None else prefix[0][0].shape[2]
+        hidden = self.decoder.embed_tokens(input_ids).float()  # (B, T, D)
+        positions = torch.arange(K, K + T, device=input_ids.device)[None]  # (1, T)
+        cos, sin = self.decoder.rotary_emb(hidden, positions)  # (1, T, head_dim) each
+        # Causal over the new tokens, everything over the prefix: key j is visible to query i iff
+        # j <= K + i. Right padding comes after each row's last real token, so it is never seen.
+        mask = torch.ones(T, K + T, dtype=torch.bool, device=input_ids.device).tril(K)
+        for i, block in enumerate(self.blocks):
+            past = None if prefix is None else prefix[i]
+            hidden = hidden + self._attention(block, block.input_norm(hidden), cos, sin, mask, past)
+            gate, up = block.gate_up(block.post_norm(hidden)).chunk(2, dim=-1)
+            hidden = hidden + block.down(F.silu(gate) * up)
+        return self.decoder.norm(hidden)
+
+    @staticmethod
+    def _attention(
+        block: _PackedBlock,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        past: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = block.qkv(x).split([block.q_width, block.kv_width, block.kv_width], dim=-1)
+        q = q.view(B, T, -1, block.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, -1, block.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.view(B, T, -1, block.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # cos, sin: (1, T, hd)
+        if past is not None:
+            k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=block.scaling, enable_gqa=True
+        )  # (B, H, T, hd)
+        return block.o(out.transpose(1, 2).reshape(B, T, -1))
