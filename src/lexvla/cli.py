@@ -424,6 +424,29 @@ def explain(
     console.print(f"wrote {result.get('html', out)}")
 
 
+@app.command()
+def compact(
+    model: Annotated[str, typer.Argument(help="A run or checkpoint folder with a full image codebook.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the compact checkpoint.")],
+    rank: Annotated[int, typer.Option(help="Rank of the stored codebook change.")] = 64,
+    float16: Annotated[bool, typer.Option(help="Store the weights in float16.")] = True,
+) -> None:
+    """Write a small checkpoint: the image codebook as its LM-head start plus a rank-r change.
+
+    Example: [bold]lexvla compact runs/flickr8k --rank 64 --out flickr8k-head/[/bold]
+    """
+    import torch
+
+    from lexvla.models.compact import compact_checkpoint
+
+    report = compact_checkpoint(model, out, rank, dtype=torch.float16 if float16 else None)
+    console.print(
+        f"wrote {report['out']}: {report['weights_bytes'] / 1e6:.1f} MB of weights; the image "
+        f"codebook moved {100 * report['relative_change']:.2f}% in training and its rank-{rank} "
+        f"change has a relative error of {report['relative_error']:.3f}"
+    )
+
+
 @app.command("encode-corpus")
 def encode_corpus_command(
     images: Annotated[

@@ -37,11 +37,18 @@ DIVERGED_FIX = "the training diverged: train again with a lower train.lr"
 NONFINITE_FILE_FIX = "the run that wrote it diverged: use an earlier checkpoint"
 
 
-def save_model(model: LexVLA, path: str | Path) -> Path:
-    """Write `model` to folder `path` atomically (replacing an existing checkpoint there)."""
+def save_model(model: LexVLA, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` to folder `path` atomically (replacing an existing checkpoint there).
+
+    `dtype` (e.g. torch.float16) stores the trained weights in that precision; loading casts them
+    back to the model's own.
+    """
     path = Path(path)
+    tensors = None
+    if dtype is not None:
+        tensors = {k: v.detach().to(dtype) for k, v in model.trainable_parameters().items()}
     with atomic_dir(path) as tmp:
-        write_model_files(model, tmp)
+        write_model_files(model, tmp, tensors)
     return path
 
 

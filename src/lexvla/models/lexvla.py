@@ -269,11 +269,12 @@ class LexVLA(nn.Module):
             llm.gradient_checkpointing_disable()
 
     # ----------------------------------------------------------------------------------- persistence
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.json, model.safetensors (trained weights), vocab.json and README.md atomically."""
+    def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write config.json, model.safetensors (trained weights, in `dtype` if given), vocab.json and
+        README.md atomically."""
         from lexvla.models.checkpoint import save_model
 
-        return save_model(self, path)
+        return save_model(self, path, dtype=dtype)
 
     @classmethod
     def from_pretrained(
