@@ -45,7 +45,13 @@ console = Console(soft_wrap=True)  # paths and result lines stay whole (greppabl
 err_console = Console(stderr=True)
 
 ModelOption = Annotated[
-    str, typer.Option("--model", "-m", help="Preset name, run folder or checkpoint folder.")
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Preset name, bundled checkpoint (flickr8k: trained on Flickr8k), run folder or "
+        "checkpoint folder.",
+    ),
 ]
 DataOption = Annotated[
     str,
@@ -101,14 +107,19 @@ def _main(
 
 @app.command()
 def presets() -> None:
-    """List the named model presets.
+    """List the named model presets and the trained checkpoints bundled with lexvla.
 
     Example: [bold]lexvla presets[/bold]
     """
+    from lexvla.models.bundled import list_bundled_checkpoints
     from lexvla.presets import list_presets
 
     table = Table("preset", "description")
     for name, description in list_presets().items():
+        table.add_row(name, description)
+    console.print(table)
+    table = Table("bundled checkpoint", "description")
+    for name, description in list_bundled_checkpoints().items():
         table.add_row(name, description)
     console.print(table)
 
@@ -426,7 +437,9 @@ def explain(
 
 @app.command()
 def compact(
-    model: Annotated[str, typer.Argument(help="A run or checkpoint folder with a full image codebook.")],
+    model: Annotated[
+        str, typer.Argument(help="A run or checkpoint folder with a full image codebook.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the compact checkpoint.")],
     rank: Annotated[int, typer.Option(help="Rank of the stored codebook change.")] = 64,
     float16: Annotated[bool, typer.Option(help="Store the weights in float16.")] = True,

@@ -1,4 +1,9 @@
-"""`create_model`: one entry point from a preset name, a run folder or a checkpoint folder to a model."""
+"""`create_model`: one entry point from a preset name, a bundled checkpoint's name, a run folder or a
+checkpoint folder to a model.
+
+Names are looked up first (presets, then :data:`BUNDLED_CHECKPOINTS`), then paths: a folder that
+shares a name with them is reached as `./NAME`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 
 from lexvla.config import ModelConfig, apply_overrides
 from lexvla.errors import LexVLAError
+from lexvla.models.bundled import BUNDLED_CHECKPOINTS, bundled_checkpoint_dir
 from lexvla.models.lexvla import LexVLA
 from lexvla.presets import get_preset, list_presets
 
@@ -37,10 +43,11 @@ def create_model(
     device: torch.device | str | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
 ) -> LexVLA:
-    """Build a LexVLA model from a preset name, a run folder or a checkpoint folder.
+    """Build a LexVLA model from a preset name, a bundled checkpoint, a run or a checkpoint folder.
 
     Args:
-        name_or_path: `tiny`, `small-offline`, `paper`, a run folder (`lexvla train --out`) or a
+        name_or_path: a preset (`tiny`, `small-offline`, `paper`), a bundled checkpoint
+            (`flickr8k`: :data:`BUNDLED_CHECKPOINTS`), a run folder (`lexvla train --out`) or a
             checkpoint folder (`save_pretrained`).
         device: target device; `"meta"` builds the architecture without loading weights.
         overrides: dotted `key=value` overrides of the model config (presets only), e.g.
@@ -52,7 +59,11 @@ def create_model(
         if overrides:
             cfg = apply_overrides(cfg, overrides)
         return LexVLA(cfg, device=device)
-    checkpoint = resolve_checkpoint_dir(name)
+    checkpoint = (
+        bundled_checkpoint_dir(name)
+        if name in BUNDLED_CHECKPOINTS
+        else resolve_checkpoint_dir(name)
+    )
     if checkpoint is not None:
         if overrides:
             raise LexVLAError("config overrides apply to presets only, not to a trained checkpoint")
@@ -62,8 +73,8 @@ def create_model(
             f"{name} is neither a run folder nor a checkpoint (no model.safetensors found)"
         )
     raise LexVLAError(
-        f"unknown model '{name}': give a preset ({', '.join(list_presets())}), a run folder or a "
-        "checkpoint folder"
+        f"unknown model '{name}': give a preset ({', '.join(list_presets())}), a bundled checkpoint "
+        f"({', '.join(BUNDLED_CHECKPOINTS)}), a run folder or a checkpoint folder"
     )
 
 
@@ -74,6 +85,8 @@ def model_config_of(name_or_path: str | Path) -> ModelConfig:
     name = str(name_or_path)
     if name in list_presets():
         return get_preset(name).model
+    if name in BUNDLED_CHECKPOINTS:
+        return read_checkpoint_config(bundled_checkpoint_dir(name))
     checkpoint = resolve_checkpoint_dir(name)
     if checkpoint is None:
         raise LexVLAError(f"unknown model '{name}'")
