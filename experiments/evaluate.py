@@ -16,7 +16,12 @@ import torch
 from torch import Tensor
 
 from lexvla.eval.discovery import false_discoveries
-from lexvla.eval.patchdis import labels_from_scores, patchdis_confusion, summarize_confusion
+from lexvla.eval.patchdis import (
+    DEFAULT_THRESHOLDS,
+    labels_from_scores,
+    patchdis_confusion,
+    summarize_confusion,
+)
 from lexvla.eval.probe import fit_linear_probe, probe_patch_labels
 from lexvla.eval.retrieval import Encodings, RetrievalData, sparsify_weights
 from lexvla.eval.sparsity import sparsity_curve_from_encodings
@@ -32,6 +37,8 @@ CURVE_POINTS: tuple[str | int, ...] = (
 )  # fmt: skip
 MATCHED_K = (32, 128)  # top-k image words at which the penalty arms are compared (matched sparsity)
 PATCHDIS_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3)  # background-rule sweep (0.1 = project default)
+# The relative rule's sweep: fractions of each image's best score (0.5 = project default).
+PATCHDIS_RELATIVE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 TINY = 1e-30  # "active" = non-zero, for vectors already sparsified by top-k
 CLOUD_WORDS = 60
 
@@ -168,12 +175,16 @@ def class_weights(model: LexVLA, data: EvalSet, store: FeatureStore) -> Tensor:
 
 
 @torch.no_grad()
-def patchdis(model: LexVLA, data: EvalSet, store: FeatureStore, batch: int = 16) -> dict[str, Any]:
-    """PatchDis mIoU with a sweep of the background threshold (0.1 is the reported default)."""
+def patchdis(
+    model: LexVLA, data: EvalSet, store: FeatureStore, batch: int = 16, rule: str = "absolute"
+) -> dict[str, Any]:
+    """PatchDis mIoU with a sweep of the background threshold (0.1 is the reported default);
+    `rule` "relative" reads each threshold as a fraction of each image's best patch-class score."""
     classes = class_weights(model, data, store)
     threshold = default_threshold(model.vocab_size)
     n = len(data.class_names)
-    confs = {t: torch.zeros(n, n, dtype=torch.long) for t in PATCHDIS_THRESHOLDS}
+    sweep = PATCHDIS_RELATIVE_THRESHOLDS if rule == "relative" else PATCHDIS_THRESHOLDS
+    confs = {t: torch.zeros(n, n, dtype=torch.long) for t in sweep}
     for start in range(0, len(data.seg_images), batch):
         images = data.seg_images[start : start + batch]
         masks = data.seg_masks[start : start + batch]
@@ -181,9 +192,11 @@ def patchdis(model: LexVLA, data: EvalSet, store: FeatureStore, batch: int = 16)
         patches = model.vision(features, return_patches=True)[1].float()  # (B, P, V)
         patches = sparsify_weights(patches, "threshold", threshold)
         scores = patches @ classes.t()  # (B, P, C)
-        for t in PATCHDIS_THRESHOLDS:
-            confs[t] += patchdis_confusion(labels_from_scores(scores, t), masks, n)
-    return summarise_sweep(confs, data.class_names, default=0.1)
+        for t in sweep:
+            confs[t] += patchdis_confusion(labels_from_scores(scores, t, rule), masks, n)
+    result = summarise_sweep(confs, data.class_names, default=DEFAULT_THRESHOLDS[rule])
+    result["rule"] = rule
+    return result
 
 
 def summarise_sweep(

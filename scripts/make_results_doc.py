@@ -282,6 +282,279 @@ def timing_section(t: Json) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- the default recipe
+RECIPE_TARGETS = {  # issue 13: on Flickr8k val, at the default sparsification
+    "active": 1100,
+    "image_precision": 40.0,
+    "text_precision": 60.0,
+    "dense_ratio": 0.90,
+    "top300_ratio": 0.95,
+    "patchdis_ratio": 2.0,
+}
+DIRECTIONS = ("image_to_text", "text_to_image")
+
+
+def _r(block: Json, direction: str, k: int) -> float:
+    return float(block[f"{direction}/R@{k}"])
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def recipe_targets(rec: Json) -> str:
+    t, words = rec["trained"], rec["trained"]["words"]
+    dense = rec["dense_baseline"]
+    rows = []
+    for side in ("image", "text"):
+        active = words["active_words"][side]
+        rows.append(
+            [
+                f"active words per {side}",
+                f"≤ {RECIPE_TARGETS['active']:,}",
+                f"{active:,.0f}",
+                _verdict(active <= RECIPE_TARGETS["active"]),
+            ]
+        )
+    for side in ("image", "text"):
+        value, goal = words[f"{side}_precision"], RECIPE_TARGETS[f"{side}_precision"]
+        rows.append(
+            [
+                f"{side} caption-word precision@{words['k']}",
+                f"≥ {goal:.0f}%",
+                f"{value:.1f}%",
+                _verdict(value >= goal),
+            ]
+        )
+    bad = words.get("meaningless_overused", [])
+    rows.append(
+        [
+            "stop words / fragments in > 10% of image top-10s",
+            "none",
+            ", ".join(bad) if bad else "none",
+            _verdict(not bad),
+        ]
+    )
+    for d in DIRECTIONS:
+        ratio = _r(t, d, 10) / max(_r(dense, d, 10), 1e-9)
+        rows.append(
+            [
+                f"{d.replace('_', ' ')} R@10 vs dense baseline",
+                f"≥ {RECIPE_TARGETS['dense_ratio']:.0%}",
+                f"{_r(t, d, 10):.1f} vs {_r(dense, d, 10):.1f} ({ratio:.0%})",
+                _verdict(ratio >= RECIPE_TARGETS["dense_ratio"]),
+            ]
+        )
+    for d in DIRECTIONS:
+        top = t["at_top_300"]
+        ratio = _r(top, d, 10) / max(_r(t, d, 10), 1e-9)
+        rows.append(
+            [
+                f"{d.replace('_', ' ')} R@10 at top 300 vs threshold",
+                f"≥ {RECIPE_TARGETS['top300_ratio']:.0%}",
+                f"{_r(top, d, 10):.1f} vs {_r(t, d, 10):.1f} ({ratio:.0%})",
+                _verdict(ratio >= RECIPE_TARGETS["top300_ratio"]),
+            ]
+        )
+    pd = rec.get("patchdis")
+    if pd:
+        ratio = pd["trained"]["mIoU"] / max(pd["untrained"]["mIoU"], 1e-9)
+        rows.append(
+            [
+                "PatchDis mIoU vs untrained (coco-mini, relative rule)",
+                f"≥ {RECIPE_TARGETS['patchdis_ratio']:.0f}×",
+                f"{pd['trained']['mIoU']:.3f} vs {pd['untrained']['mIoU']:.3f} ({ratio:.1f}×)",
+                _verdict(ratio >= RECIPE_TARGETS["patchdis_ratio"]),
+            ]
+        )
+    timing = rec.get("timing", {})
+    if timing.get("wall_seconds"):
+        minutes = timing["wall_seconds"] / 60
+        rows.append(
+            [
+                "wall time of `lexvla train` (caching included)",
+                "≤ 60 min",
+                f"{minutes:.0f} min",
+                _verdict(minutes <= 60),
+            ]
+        )
+    return table(["target", "goal", "measured", "verdict"], rows)
+
+
+def recipe_models(rec: Json) -> str:
+    rows = []
+    for name, key in (("untrained", "untrained"), ("trained (recipe)", "trained")):
+        b, w = rec[key], rec[key]["words"]
+        rows.append(
+            [name]
+            + [f"{_r(b, d, k):.1f}" for d in DIRECTIONS for k in (1, 5, 10)]
+            + [
+                f"{w['active_words']['image']:,.0f} / {w['active_words']['text']:,.0f}",
+                f"{w['image_precision']:.1f} / {w['text_precision']:.1f}",
+            ]
+        )
+    dense = rec["dense_baseline"]
+    rows.append(
+        ["dense baseline (512-d)"]
+        + [f"{_r(dense, d, k):.1f}" for d in DIRECTIONS for k in (1, 5, 10)]
+        + ["512 (dense)", "–"]
+    )
+    words = rec["trained"]["words"]
+    rows.append(
+        [f"fixed answer ({', '.join(words['fixed_answer'][:5])}, …)"]
+        + ["–"] * 6
+        + ["10", f"{words['fixed_answer_precision']:.1f} / –"]
+    )
+    header = [
+        "model",
+        "i→t R@1",
+        "R@5",
+        "R@10",
+        "t→i R@1",
+        "R@5",
+        "R@10",
+        "active words img / txt",
+        "precision@10 img / txt (%)",
+    ]
+    return table(header, rows)
+
+
+def recipe_overuse(rec: Json) -> str:
+    lines = []
+    for side in ("image", "text"):
+        over = rec["trained"]["words"]["overused_words"][side]
+        shown = ", ".join(f"{w['word']} {w['share']:.0%}" for w in over[:10]) or "none"
+        lines.append(f"- {side}s: {shown}")
+    return "\n".join(lines)
+
+
+def recipe_curve(rec: Json) -> str:
+    rows = []
+    for p in rec["trained"]["curve"]["points"]:
+        rows.append(
+            [
+                str(p.get("label", p["point"])),
+                f"{p['active_words']['image']:,.0f} / {p['active_words']['text']:,.0f}",
+            ]
+            + [f"{float(p[f'{d}/R@{k}']):.1f}" for d in DIRECTIONS for k in (1, 10)]
+        )
+    return table(
+        ["operating point", "active img / txt", "i→t R@1", "R@10", "t→i R@1", "R@10"], rows
+    )
+
+
+def recipe_patchdis(rec: Json) -> str:
+    pd = rec["patchdis"]
+    rows = []
+    for name, key in (
+        ("untrained", "untrained"),
+        ("trained (recipe)", "trained"),
+        ("dense linear probe (reference)", "dense_probe"),
+    ):
+        b = pd[key]
+        best = b.get("best")
+        rows.append(
+            [
+                name,
+                f"{b['mIoU']:.3f}",
+                f"{b.get('mIoU/foreground', float('nan')):.3f}",
+                f"{best['mIoU']:.3f} at {best['threshold']}" if best else "–",
+            ]
+        )
+    return table(
+        ["model", "mIoU", "mIoU (foreground classes)", "best of the sweep (tuned on the test set)"],
+        rows,
+    )
+
+
+def _try_overrides(spec: list[str]) -> str:
+    shown = [s for s in spec if not s.startswith("train.steps=")]
+    shown = [s.replace("model.", "").replace("lexical.", "").replace("loss.", "") for s in shown]
+    return " ".join(f"`{s}`" for s in shown) or "(base)"
+
+
+def tries_table(tries: Json) -> str:
+    rows, stopped = [], []
+    for t in tries["tries"]:
+        if not t["evals"]:
+            stopped.append(f"{t['name']} ({_try_overrides(t['set'])})")
+            continue
+        e = t["evals"][-1]
+        rows.append(
+            [
+                t["name"] + ("" if t["finished"] else " (stopped)"),
+                str(t["grid"]),
+                str(e["step"]),
+                _try_overrides(t["set"]),
+                f"{e['img_prec']:.1f} / {e['txt_prec']:.1f}",
+                f"{e['act_img']:,.0f} / {e['act_txt']:,.0f}",
+                f"{e['thr']['i2t/R@10']:.1f} / {e['thr']['t2i/R@10']:.1f}",
+                ", ".join(w for w, _ in e["over_img"][:3]),
+            ]
+        )
+    header = ["try", "grid", "steps", "overrides", "precision@10 img / txt", "active img / txt",
+              "R@10 i→t / t→i", "most used image words"]  # fmt: skip
+    text = table(header, rows)
+    if stopped:
+        text += "\n\nStopped before a first evaluation (no result): " + "; ".join(stopped) + "."
+    return text
+
+
+def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
+    path = results / "flickr8k_recipe.json"
+    if not path.is_file():
+        return []
+    rec = json.loads(path.read_text())
+    parts = [
+        "## The default recipe on Flickr8k (issue 13)",
+        "",
+        "`lexvla train --preset small-offline --data dataset_flickr8k.json --images images/` "
+        "(train split), evaluated on Flickr8k `val` (1,000 images, 5,000 captions) at the default "
+        "sparsification by `python experiments/flickr8k.py --run RUN`.",
+        "",
+        notes.get("recipe", ""),
+        "",
+        "### Targets",
+        "",
+        recipe_targets(rec),
+        "",
+        "### Retrieval and words",
+        "",
+        recipe_models(rec),
+        "",
+        "Words in the top-10 of more than 10% of the vectors (the overuse detector):",
+        "",
+        recipe_overuse(rec),
+        "",
+        "### Sparsity curve of the trained model",
+        "",
+        recipe_curve(rec),
+        "",
+    ]
+    if rec.get("patchdis"):
+        parts += [
+            "### PatchDis on coco-mini (80 images, relative background rule)",
+            "",
+            recipe_patchdis(rec),
+            "",
+        ]
+    tries = results / "issue13_tries.json"
+    if tries.is_file():
+        parts += [
+            "### Every try on the way",
+            "",
+            "Heads trained on cached features by `experiments/tries/heads.py` (grid g: the 16 × 16 "
+            "patches average-pooled to g × g for speed), evaluated on `val` at the end (or at the last "
+            "evaluation of a stopped try). Base: the `small-offline` preset before this recipe.",
+            "",
+            tries_table(json.loads(tries.read_text())),
+            "",
+            notes.get("tries", ""),
+            "",
+        ]
+    return parts
+
+
 def render(results: Path = RESULTS, notes_path: Path = NOTES) -> str:
     """The whole docs/results.md text."""
     load = lambda name: json.loads((results / f"{name}.json").read_text())  # noqa: E731
@@ -306,6 +579,7 @@ def render(results: Path = RESULTS, notes_path: Path = NOTES) -> str:
         "",
         notes.get("verdict", ""),
         "",
+        *recipe_section(results, notes),
         "## 1. Overuse penalty vs FLOPs",
         "",
         exp1_section(load("exp1_penalty")),

@@ -46,7 +46,7 @@ def validate(
         batch_size: images per forward of the heads.
     """
     if tables_root is not None:
-        enc, captions = _encodings_from_tables(model, holdout, tables_root, dtype, batch_size)
+        enc, captions = encodings_from_tables(model, holdout, tables_root, dtype, batch_size)
     else:
         data = collect_retrieval_data(holdout)
         enc = encode_retrieval_data(model, data, batch_size=batch_size, progress=False)
@@ -66,7 +66,7 @@ def validate(
     return result
 
 
-def _encodings_from_tables(
+def encodings_from_tables(
     model: LexVLA, holdout: Any, root: Path, dtype: torch.dtype, batch_size: int
 ) -> tuple[Encodings, list[str]]:
     """Dense encodings of the validation set through its frozen-feature tables; images that could
