@@ -56,6 +56,13 @@ def lexical_block(model: LexVLA, holdout: Any, root: Path) -> dict[str, Any]:
     return result
 
 
+def compact_block(path: Path, holdout: Any, root: Path) -> dict[str, Any]:
+    """The compact checkpoint's validation metrics, and the size of its weights."""
+    result = validate(create_model(path).eval(), holdout, tables_root=root)
+    result["weights_bytes"] = (path / "model.safetensors").stat().st_size
+    return result
+
+
 def dense_block(cfg: ExperimentConfig, model: LexVLA, holdout: Any, root: Path) -> dict[str, Any]:
     """The dense baseline on the same cached features, batches and steps as the run."""
     batches = BatchSource(cfg.data, cfg.train, processor=model.image_processor)
@@ -111,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wall-seconds", type=float, help="the run's wall time (measured around it)")
     parser.add_argument("--caching-seconds", type=float, help="the part of it spent caching features")
     parser.add_argument("--note", default="", help="what else ran on the machine meanwhile")
+    parser.add_argument(
+        "--compact", type=Path, help="also evaluate this compact checkpoint (`lexvla compact`) on val"
+    )
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     cfg = load_config(ExperimentConfig, args.run / "config.json")
@@ -132,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     report["trained"] = lexical_block(model, holdout, root)
     _say("untrained model on val")
     report["untrained"] = lexical_block(untrained, holdout, root)
+    if args.compact:
+        _say(f"compact checkpoint {args.compact} on val")
+        report["compact"] = compact_block(args.compact, holdout, root)
     _say(f"dense baseline: {cfg.train.steps} steps on the same features")
     report["dense_baseline"] = dense_block(cfg, model, holdout, root)
     if (args.coco / "annotations" / "instances_train2017.json").is_file():

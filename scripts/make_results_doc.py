@@ -383,7 +383,11 @@ def recipe_targets(rec: Json) -> str:
 
 def recipe_models(rec: Json) -> str:
     rows = []
-    for name, key in (("untrained", "untrained"), ("trained (recipe)", "trained")):
+    models = [("untrained", "untrained"), ("trained (recipe)", "trained")]
+    if "compact" in rec:
+        size = rec["compact"]["weights_bytes"] / 1e6
+        models.append((f"its compact form (`lexvla compact`, rank 64, {size:.1f} MB)", "compact"))
+    for name, key in models:
         b, w = rec[key], rec[key]["words"]
         rows.append(
             [name]
