@@ -26,7 +26,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from lexvla.config import DataConfig
 from lexvla.data.sample import LazySample, Sample, SkipCounter, utf8_text
@@ -59,14 +59,6 @@ class ImageRecord:
     key: str
     path: str
     captions: list[str]
-
-
-class MapDataset(Protocol):
-    """What :func:`split_holdout` needs of a map-style dataset."""
-
-    def __len__(self) -> int: ...
-    def __getitem__(self, index: int) -> Sample | None: ...
-    def key(self, index: int) -> str: ...
 
 
 class ImageTextDataset:

@@ -72,13 +72,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json_bytes(obj, indent=1) + b"\n")
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """The `.npy` serialisation of an array (never pickled)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
 def write_npy(path: Path, array: np.ndarray) -> str:
     """Write `array` as `.npy` and fsync it (not atomic: used inside a staging directory).
 

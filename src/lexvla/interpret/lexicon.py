@@ -9,12 +9,6 @@ import torch
 from torch import Tensor
 
 
-def top_words(weights: Tensor, words: Sequence[str], k: int = 20) -> list[tuple[str, float]]:
-    """The `k` heaviest non-zero entries of one (V,) vector as (word, weight), heaviest first."""
-    values, ids = weights.float().topk(min(k, weights.shape[-1]))
-    return [(words[i], float(v)) for i, v in zip(ids.tolist(), values.tolist()) if v > 0]
-
-
 def encode_top_words(
     model_ref: str,
     *,
