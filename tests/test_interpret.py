@@ -16,7 +16,7 @@ from lexvla.interpret import plots
 from lexvla.interpret.explain import explain
 from lexvla.interpret.lexicon import OTHER_WORDS, explain_score, merge_pieces
 
-WORDS = [f"w{i}" for i in range(40)] + ["dog", "##dog", "##ing"]
+WORDS = [f"w{i}" for i in range(40)] + ["dog", "##dog", "##ing", "dogs", "puppies"]
 
 
 def _sparse(seed: int, nnz: int) -> torch.Tensor:
@@ -62,6 +62,8 @@ def test_merge_pieces_sums_twins():
     v = torch.zeros(len(WORDS))
     v[40], v[41], v[42] = 0.3, 0.2, 0.1
     assert merge_pieces(v, WORDS) == pytest.approx({"dog": 0.5, "ing": 0.1})
+    v[43], v[44] = 0.25, 0.05  # a plural joins its singular; a plural without one shows as itself
+    assert merge_pieces(v, WORDS) == pytest.approx({"dog": 0.75, "ing": 0.1, "puppies": 0.05})
 
 
 def test_word_cloud_png_is_not_blank(tmp_path):

@@ -21,7 +21,7 @@ import hashlib
 import importlib.resources
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,26 @@ def fold_word(word: str) -> str:
     if word.endswith(("sses", "shes", "ches", "xes", "zes")):
         return word[:-2]
     return word[:-1] if word.endswith("s") else word
+
+
+def display_groups(words: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Group display words that are forms of one word (same :func:`fold_word`).
+
+    Returns `(group_of_index, group_words)`. A group is shown as its folded form when that form is
+    itself one of the words ("dog" for "dog", "dogs", "##dog"), else as its first word without "##"
+    ("puppies" alone stays "puppies").
+    """
+    keys = [fold_word(w) for w in words]
+    plain = {w.removeprefix(CONTINUATION_PREFIX).lower() for w in words}
+    index: dict[str, int] = {}
+    labels: list[str] = []
+    groups = []
+    for word, key in zip(words, keys):
+        if key not in index:
+            index[key] = len(labels)
+            labels.append(key if key in plain else word.removeprefix(CONTINUATION_PREFIX))
+        groups.append(index[key])
+    return groups, labels
 
 
 def caption_tokens(text: str) -> list[str]:
@@ -143,19 +163,15 @@ class LexicalVocabulary:
         return cls.from_token_map(get_vocab(), rule)
 
     def word_groups(self) -> tuple[list[int], list[str]]:
-        """Merge each continuation piece with its word twin ("##dog" with "dog") for display.
+        """Merge the forms of one word for display: a continuation piece with its word ("##dog",
+        "dog") and a plural with its singular ("dogs", "dog"), by :func:`fold_word`.
 
         Returns `(group_of_id, group_words)`: for every lexical dimension the index of its merged word,
-        and the merged words (plain, without "##").
+        and the merged words (see :func:`display_groups`).
         """
         cached = self.__dict__.get("_groups_cache")
         if cached is None:
-            index: dict[str, int] = {}
-            groups = [
-                index.setdefault(w.removeprefix(CONTINUATION_PREFIX), len(index))
-                for w in self.words
-            ]
-            cached = (groups, list(index))
+            cached = display_groups(self.words)
             object.__setattr__(self, "_groups_cache", cached)
         return cached
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lexvla.vocab import display_groups
 
 
 def encode_top_words(
@@ -31,17 +34,23 @@ def encode_top_words(
 
 
 def merge_pieces(weights: Tensor | Sequence[float], words: Sequence[str]) -> dict[str, float]:
-    """Non-zero entries of one (V,) vector as `{word: weight}`, a `##piece` summed into its word.
+    """Non-zero entries of one (V,) vector as `{word: weight}`, the forms of a word summed.
 
-    "##dog" and "dog" become one entry "dog" (docs/method.md: word clouds may merge a word with its
-    `##` twin); a piece without a twin shows as its plain form.
+    "##dog", "dog" and "dogs" become one entry "dog" (:func:`lexvla.vocab.display_groups`: a `##`
+    piece and a plural are shown with their word); a form without its word shows as itself.
     """
+    groups, labels = _display_groups(tuple(words))
     values = torch.as_tensor(weights).double().flatten()
     merged: dict[str, float] = {}
     for i in torch.nonzero(values).flatten().tolist():
-        word = words[i].removeprefix("##")
+        word = labels[groups[i]]
         merged[word] = merged.get(word, 0.0) + float(values[i])
     return merged
+
+
+@functools.lru_cache(maxsize=8)
+def _display_groups(words: tuple[str, ...]) -> tuple[list[int], list[str]]:
+    return display_groups(words)
 
 
 OTHER_WORDS = "(other words)"

@@ -224,8 +224,9 @@ class LexVLA(nn.Module):
     ) -> list[list[tuple[str, float]]]:
         """The `k` heaviest words of each (B, V) vector, as (word, weight) pairs, heaviest first.
 
-        With `merge_pieces`, a continuation piece and its word ("##dog", "dog") count as one word (their
-        weights summed): after the prompt's opening quote the LLM predicts the continuation form.
+        With `merge_pieces`, the forms of one word count as one (their weights summed, shown as the
+        word): a continuation piece ("##dog": after the prompt's opening quote the LLM predicts that
+        form) and a plural ("dogs"), by `LexicalVocabulary.word_groups`.
         """
         words = self.vocab.words
         weights = weights.float()

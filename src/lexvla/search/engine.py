@@ -278,10 +278,10 @@ class SearchEngine:
             torch.no_grad(),
         ):
             out = self.model.encode_image([picture], return_patches=True, crop=False)
-        image_words = self.model.top_words(out.image_weights.float(), k)[0]
+        image_words = self.model.top_words(out.image_weights.float(), k, merge_pieces=True)[0]
         patches = out.patch_weights[0].float()  # (P, V)
         rows = cols = grid_side(patches.shape[0])
-        per = self.model.top_words(patches, per_patch)
+        per = self.model.top_words(patches, per_patch, merge_pieces=True)
         grid = [
             [[{"word": w, "weight": v} for w, v in per[r * cols + c]] for c in range(cols)]
             for r in range(rows)
