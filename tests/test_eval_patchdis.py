@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lexvla.data.transforms import grid_side
 from lexvla.errors import LexVLAError
 from lexvla.eval import patchdis as P
 
@@ -23,7 +24,7 @@ def test_upsample_on_pixel_centres():
     assert up.tolist() == [[1, 1, 2, 2, 2], [3, 3, 4, 4, 4], [3, 3, 4, 4, 4]]
     assert torch.equal(P.upsample_labels(grid.flatten(), (2, 2)), grid)
     with pytest.raises(ValueError):
-        P.grid_side(15)
+        grid_side(15)
 
 
 def test_background_rule_and_ties():

@@ -9,6 +9,7 @@ as the DINOv2 processor does.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,3 +147,11 @@ class ImageProcessor:
         if not tensors:
             raise LexVLAError("no images given to the image processor")
         return torch.stack(tensors)
+
+
+def grid_side(num_patches: int) -> int:
+    """g for the vision tower's P = g × g patches (raises ValueError for a non-square count)."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patches do not form a square grid")
+    return side

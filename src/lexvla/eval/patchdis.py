@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from lexvla.data.transforms import grid_side
 from lexvla.errors import LexVLAError
 from lexvla.eval.metrics import confusion_matrix, iou_per_class, mean_iou
 from lexvla.eval.report import format_table
@@ -108,14 +109,6 @@ def labels_from_scores(scores: Tensor, threshold: float, rule: str = "absolute")
     if rule == "relative":
         cut = threshold * best.max(dim=-1, keepdim=True).values  # (B, 1)
     return torch.where(best < cut, torch.zeros_like(index), index + 1)
-
-
-def grid_side(num_patches: int) -> int:
-    """g for P = g × g patches (raises for a non-square count)."""
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"{num_patches} patches do not form a square grid")
-    return side
 
 
 def upsample_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:

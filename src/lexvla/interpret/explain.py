@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lexvla.data.transforms import load_image
+from lexvla.data.transforms import grid_side, load_image
 from lexvla.interpret import plots
 from lexvla.interpret.grounding import (
     PatchSpec,
-    grid_side,
     parse_patch,
     patches_weights,
     text_patch_scores,

@@ -8,12 +8,12 @@ Tensors in, tensors out; drawing lives in :mod:`lexvla.interpret.plots`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from lexvla.data.transforms import grid_side
 from lexvla.errors import LexVLAError
 
 PatchSpec = int | tuple[int, int] | str
@@ -25,14 +25,6 @@ def text_patch_scores(patch_weights: Tensor, text_weights: Tensor) -> Tensor:
     if patches.dim() == 2:
         return patches @ text.flatten()  # (P,)
     return torch.einsum("bpv,bv->bp", patches, text)  # (B, P)
-
-
-def grid_side(num_patches: int) -> int:
-    """g for P = g × g patches."""
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"{num_patches} patches do not form a square grid")
-    return side
 
 
 def to_grid(scores: Tensor) -> Tensor:

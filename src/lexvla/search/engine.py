@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lexvla.data.transforms import load_image
+from lexvla.data.transforms import grid_side, load_image
 from lexvla.errors import LexVLAError
-from lexvla.interpret.grounding import grid_side, text_patch_scores
+from lexvla.interpret.grounding import text_patch_scores
 from lexvla.interpret.lexicon import OTHER_WORDS, explain_score
 from lexvla.search.corpus import read_document_bytes, utf8_text
 from lexvla.search.query import Query
