@@ -654,7 +654,7 @@ def serve(
 ) -> None:
     """The web app: search by text or image, see why each result matched, steer the query.
 
-    Example: [bold]lexvla serve --index demo-output/index --model demo-output/run[/bold]
+    Example: [bold]lexvla serve --index demo-output/index --model flickr8k[/bold]
     or [bold]lexvla serve --milvus http://127.0.0.1:19530 --collection photos[/bold]
     """
     from lexvla.serve.app import BatchingOptions, run

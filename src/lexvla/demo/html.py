@@ -19,6 +19,9 @@ tr:nth-child(even) td { background: #f4f5f1; }
 figure img { max-width: 100%; border-radius: 6px; border: 1px solid #d9dcd3; }
 figcaption { font-size: 13px; color: #52606d; } .words { font-size: 13px; color: #3e4c59; }
 code { background: #eef0ea; padding: 0 .3rem; border-radius: 3px; } .muted { color: #7b8794; }
+td:first-child { white-space: nowrap; } table.text td, table.text th { text-align: left; }
+img { max-width: 100%; }
+.warn { color: #8a3b12; background: #fdf1e7; padding: .2rem .5rem; border-radius: 4px; }
 """
 
 
@@ -31,13 +34,16 @@ def image_tag(path: str | Path, alt: str = "", width: int | None = None) -> str:
     return f'<img src="data:{mime};base64,{data}" alt="{html.escape(alt)}"{size}>'
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, text: bool = False) -> str:
+    """A table; numbers right-aligned (floats with one decimal), or every column left when `text`."""
+
     def cell(value: Any) -> str:
         return f"{value:.1f}" if isinstance(value, float) else html.escape(str(value))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    css = " class='text'" if text else ""
+    return f"<table{css}><tr>{head}</tr>{body}</table>"
 
 
 def figure(path: str | Path, caption: str, words: str = "") -> str:

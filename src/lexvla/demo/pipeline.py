@@ -2,11 +2,15 @@
 
 Steps (each timed and reported): prepare the offline models; take real COCO images with captions
 (`../shared/data/coco-mini` if it is beside the checkout, else the 80 downscaled COCO images bundled with
-the package, `lexvla/resources/demo-coco`; it says which); train `small-offline` briefly
-on 2 CPU cores (frozen towers, cached features) on all but the held-out images; evaluate retrieval
-(untrained vs trained) and PatchDis on the held-out images; draw the sparsity curve; index every image;
-run example searches with per-word explanations; look inside a few images; write one self-contained
-HTML report. A second run reuses the trained model and the index.
+the package, `lexvla/resources/demo-coco`; it says which); train `small-offline` briefly on 2 CPU cores
+(frozen towers, cached features) on all but the held-out images, which proves the trainer works; load
+the trained head bundled with lexvla (`flickr8k`: `small-offline` trained on Flickr8k, see
+`lexvla.models.bundled`); evaluate retrieval and word quality (untrained vs briefly trained vs the
+Flickr8k head) and PatchDis (untrained vs the head) on the held-out images; draw the head's sparsity
+curve; index every image with the head; run example searches with per-word shares of each score; look
+inside a few images; write one self-contained HTML report. Without the bundled head the briefly
+trained model stands in for it, and the console and the report say so. A second run reuses the
+trained model.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUNDLED_COCO = Path(__file__).resolve().parents[1] / "resources" / "demo-coco"
 COCO_CAPTIONS = Path("annotations") / "captions_train2017.json"
+HEAD = "flickr8k"  # the bundled checkpoint that evaluates, indexes, searches and looks inside
 EXAMPLE_QUERIES = (
     "a dog playing outside",
     "a red bus on a city street",
@@ -99,20 +104,26 @@ def run_demo(
     start = time.perf_counter()
     run.step("offline models", lambda: _prepare_models(run))
     data = run.step("data", lambda: _data(run))
-    model = run.step(
-        "training (small-offline, frozen towers, cached features)", lambda: _train(run, data)
+    trained = run.step(
+        "brief training (small-offline, frozen towers, cached features)", lambda: _train(run, data)
     )
-    run.step("evaluation on held-out images", lambda: _evaluate(run, model, data))
-    engine = run.step("index and example searches", lambda: _index_and_search(run, model, data))
-    run.step("looking inside", lambda: _look_inside(run, engine, data))
+    head = run.step("the bundled Flickr8k head", lambda: _load_head(run, trained))
+    run.step("evaluation on held-out images", lambda: _evaluate(run, trained, head, data))
+    run.step("index and example searches", lambda: _index_and_search(run, head, data))
+    run.step("looking inside", lambda: _look_inside(run, head, data))
     run.results["total_seconds"] = round(time.perf_counter() - start, 1)
     path = report.write(run)
     run.console.print(f"\n[bold green]report[/bold green]: {path.resolve()}")
-    run.console.print(
-        f"open the web app: [bold].venv/bin/lexvla serve --index {run.out_dir / 'index'} "
-        f"--model {run.out_dir / 'run'}[/bold]"
-    )
+    run.console.print(f"open the web app: [bold]{serve_command(run)}[/bold]")
     return path
+
+
+def serve_command(run: DemoRun) -> str:
+    """The command that serves the demo's index with the model that encoded it."""
+    return (
+        f".venv/bin/lexvla serve --index {run.out_dir / 'index'} "
+        f"--model {run.results['head']['model']}"
+    )
 
 
 def _prepare_models(run: DemoRun) -> None:
@@ -204,34 +215,110 @@ def _train(run: DemoRun, data: DemoData) -> Any:
     return create_model(run_dir).eval()
 
 
-def _evaluate(run: DemoRun, model: Any, data: DemoData) -> None:
+def _load_head(run: DemoRun, trained: Any) -> Any:
+    """The bundled Flickr8k head, or (missing) the briefly trained model, said in console and report."""
+    from lexvla.models.bundled import bundled_checkpoint_available, bundled_checkpoint_path
+    from lexvla.models.factory import create_model
+
+    folder = bundled_checkpoint_path(HEAD)
+    if bundled_checkpoint_available(HEAD):
+        model = create_model(HEAD).eval()
+        run.results["head"] = {"bundled": True, "model": HEAD, "path": str(folder)}
+        run.console.print(
+            f"  {HEAD}: {folder}\n  small-offline trained on Flickr8k's training photos; it "
+            "evaluates, indexes, searches and looks inside below"
+        )
+        return model
+    note = (
+        f"the bundled Flickr8k head is missing ({folder} has no model.safetensors): the briefly "
+        "trained model evaluates, indexes, searches and looks inside instead; its words are weak"
+    )
+    run.console.print(f"  [yellow]{note}[/yellow]")
+    run.results["head"] = {
+        "bundled": False,
+        "model": str(run.out_dir / "run"),
+        "path": str(folder),
+        "note": note,
+    }
+    return trained
+
+
+def _compared(run: DemoRun, trained: Any, head: Any, untrained: Any) -> list[tuple[str, Any]]:
+    """(name, model) of the models compared: untrained, briefly trained and the head (if bundled)."""
+    models = [("untrained", untrained), ("trained", trained)]
+    if run.results["head"]["bundled"]:
+        models.append(("head", head))
+    return models
+
+
+def _evaluate(run: DemoRun, trained: Any, head: Any, data: DemoData) -> None:
     from lexvla.eval.retrieval import evaluate_retrieval
     from lexvla.eval.sparsity import sparsity_curve
     from lexvla.models.factory import create_model
 
     cache = run.out_dir / "cache"
     untrained = create_model("small-offline").eval()
+    models = _compared(run, trained, head, untrained)
+    run.results["retrieval"], run.results["words"] = {}, {}
     with torch.no_grad():
-        run.results["retrieval_untrained"] = evaluate_retrieval(
-            untrained, data.holdout, cache_dir=cache
+        for name, model in models:
+            r = evaluate_retrieval(model, data.holdout, cache_dir=cache, progress=False)
+            run.results["retrieval"][name] = r
+            words = _word_quality(model, data, cache)
+            run.results["words"][name] = words
+            quality = (
+                f"caption-word P@10 image {words['image_precision']:.0f}%, "
+                f"text {words['text_precision']:.0f}%"
+                if "error" not in words
+                else words["error"]
+            )
+            run.console.print(
+                f"  {MODEL_LABELS[name]:<16} image→text R@1 {r['image_to_text/R@1']:5.1f}  "
+                f"text→image R@1 {r['text_to_image/R@1']:5.1f}  {quality}"
+            )
+        chance = run.results["retrieval"]["untrained"]["chance"]["text_to_image/R@1"]
+        fixed = run.results["words"]["untrained"]
+        calibration = (
+            f"; one fixed answer for every image ({', '.join(fixed['fixed_answer'][:5])}, …) "
+            f"has caption-word P@10 {fixed['fixed_answer_precision']:.0f}%"
+            if "error" not in fixed
+            else ""
         )
-        run.results["retrieval"] = evaluate_retrieval(model, data.holdout, cache_dir=cache)
+        run.console.print(f"  chance text→image R@1 {chance:.1f}{calibration}")
         curve = sparsity_curve(
-            model, data.holdout, cache_dir=cache, plot_path=run.out_dir / "sparsity.png"
+            head,
+            data.holdout,
+            cache_dir=cache,
+            plot_path=run.out_dir / "sparsity.png",
+            progress=False,
         )
     run.results["sparsity_curve"] = curve
     run.figures["sparsity"] = run.out_dir / "sparsity.png"
-    for name in ("retrieval_untrained", "retrieval"):
-        r = run.results[name]
-        run.console.print(
-            f"  {name}: image→text R@1 {r['image_to_text/R@1']:.1f}  "
-            f"text→image R@1 {r['text_to_image/R@1']:.1f}  (chance {r['chance']['text_to_image/R@1']:.1f})"
-        )
     if data.masks is not None:
-        _patchdis(run, model, data)
+        shown = "head" if run.results["head"]["bundled"] else "trained"  # the model of the search
+        _patchdis(run, [(n, m) for n, m in models if n in ("untrained", shown)], data)
 
 
-def _patchdis(run: DemoRun, model: Any, data: DemoData) -> None:
+MODEL_LABELS = {
+    "untrained": "untrained heads",
+    "trained": "briefly trained",
+    "head": "Flickr8k head",
+}
+
+
+def _word_quality(model: Any, data: DemoData, cache: Path) -> dict[str, Any]:
+    """`lexvla.eval.words` on the held-out images and their captions (object recall with masks)."""
+    from lexvla.eval.words import evaluate_words
+
+    try:
+        return evaluate_words(
+            model, data.holdout, instances=data.masks, cache_dir=cache, progress=False
+        )
+    except LexVLAError as error:  # e.g. captions with no word of the vocabulary
+        return {"error": f"word quality not measured: {error}"}
+
+
+def _patchdis(run: DemoRun, models: list[tuple[str, Any]], data: DemoData) -> None:
     from lexvla.eval.patchdis import evaluate_patchdis, load_patchdis_data
 
     masks, class_names = load_patchdis_data(data.masks, images=data.images_dir)
@@ -239,13 +326,24 @@ def _patchdis(run: DemoRun, model: Any, data: DemoData) -> None:
     samples = [
         masks[i] for i in range(len(masks)) if Path(getattr(masks[i], "path", "")).name in held_out
     ]
-    with torch.no_grad():
-        result = evaluate_patchdis(model, samples, class_names, out_dir=run.out_dir / "patchdis")
-    run.results["patchdis"] = {k: v for k, v in result.items() if k != "overlays"}
-    run.figures["patchdis"] = list(result.get("overlays", []))[:4]
-    run.console.print(
-        f"  PatchDis mIoU {result['mIoU']:.3f} on {result['num_images']} images ({result['rule']})"
-    )
+    run.results["patchdis"] = {}
+    for name, model in models:
+        with torch.no_grad():
+            result = evaluate_patchdis(
+                model,
+                samples,
+                class_names,
+                out_dir=run.out_dir / "patchdis" / name,
+                background="relative",
+                progress=False,
+            )
+        run.results["patchdis"][name] = {k: v for k, v in result.items() if k != "overlays"}
+        run.figures["patchdis"] = list(result.get("overlays", []))[:4]  # the last model's
+        run.console.print(
+            f"  PatchDis mIoU {MODEL_LABELS[name]:<16} {result['mIoU']:.3f} on "
+            f"{result['num_images']} images"
+        )
+    run.console.print(f"  ({result['rule']})")
 
 
 def _records(dataset: Any) -> list[Any]:
@@ -267,13 +365,16 @@ def _index_and_search(run: DemoRun, model: Any, data: DemoData) -> Any:
         return None
     for stale in (corpus, index):  # vectors of an earlier demo run's model
         shutil.rmtree(stale, ignore_errors=True)
-    encode_corpus(model, images, corpus, model_name=str(run.out_dir / "run"), progress=True)
+    encode_corpus(model, images, corpus, model_name=run.results["head"]["model"], progress=True)
     build_index(corpus, index)
     engine = SearchEngine(model, _open_index(index))
     searches = []
     for text in EXAMPLE_QUERIES:
         query = engine.query_from_text(text)
         hits = engine.search(query, k=3, explain=True)
+        for hit in hits:  # each word's share of the hit's score
+            for word in hit["words"]:
+                word["share"] = word["contribution"] / hit["score"] if hit["score"] > 0 else 0.0
         searches.append({"query": text, "query_words": query.top(8), "hits": hits})
         best = hits[0] if hits else None
         words = _word_shares(
@@ -286,10 +387,13 @@ def _index_and_search(run: DemoRun, model: Any, data: DemoData) -> Any:
 
 
 def _word_shares(contributions: list[tuple[str, float]], score: float) -> str:
-    """'dog 12%, grass 7%': each word's share of the score it contributes to."""
+    """'dog 12%, grass 7.3%, sky 0.42%': each word's share of the score it contributes to (as many
+    digits as it takes for a share above zero to show above zero)."""
+    from lexvla.demo.report import share_text
+
     if score <= 0:
         return ", ".join(word for word, _ in contributions)
-    return ", ".join(f"{word} {100 * value / score:.0f}%" for word, value in contributions)
+    return ", ".join(f"{word} {share_text(value / score)}" for word, value in contributions)
 
 
 def _open_index(path: Path) -> Any:
@@ -298,15 +402,10 @@ def _open_index(path: Path) -> Any:
     return SparseIndex.open(path)
 
 
-def _look_inside(run: DemoRun, engine: Any, data: DemoData) -> None:
+def _look_inside(run: DemoRun, model: Any, data: DemoData) -> None:
     """Word clouds, grounding heatmap and per-word explanation for two held-out images."""
     from lexvla.interpret.explain import explain
 
-    model = engine.model if engine is not None else None
-    if model is None:
-        from lexvla.models.factory import create_model
-
-        model = create_model(run.out_dir / "run").eval()
     pages = []
     for sample in _records(data.holdout)[:2]:
         name = Path(getattr(sample, "path", "") or sample.key).stem
@@ -316,11 +415,13 @@ def _look_inside(run: DemoRun, engine: Any, data: DemoData) -> None:
                 sample.path or sample.image,
                 sample.captions[0],
                 run.out_dir / "inside" / name,
-                model_ref="demo run",
+                model_ref=run.results["head"]["model"],
             )
         pages.append(result)
         top = _word_shares(result.get("contributions", [])[:5], result.get("score", 0.0))
+        image_words = ", ".join(word for word, _ in result.get("image_words", [])[:8])
         run.console.print(
-            f"  {name}: score {result.get('score', 0):.3f} for {sample.captions[0]!r} ← {top}"
+            f"  {name}: score {result.get('score', 0):.3f} for {sample.captions[0]!r} ← {top}\n"
+            f"    image words: {image_words}"
         )
     run.figures["inside"] = pages
