@@ -9,7 +9,6 @@ WORLD_SIZE). Images that cannot be decoded are skipped and listed in the encode 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from lexvla._atomic import atomic_write_text
+from lexvla._fingerprint import weights_fingerprint
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
 from lexvla.search.corpus import CorpusShard, folder_key, iter_items, list_shards
@@ -49,13 +49,9 @@ def model_reference(model: LexVLA, name: str | None = None) -> dict[str, Any]:
 
 
 def trained_weights_fingerprint(model: LexVLA) -> str:
-    """A short sha256 of the trainable tensors (names and values): it changes when the model is
+    """The exact fingerprint of the trainable tensors (sorted by name): it changes when the model is
     retrained, so vectors of an older model are never mixed into a corpus folder."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.trainable_parameters().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_fingerprint(sorted(model.trainable_parameters().items()), exact=True)
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -22,25 +22,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lexvla._atomic import atomic_file
+from lexvla._fingerprint import weights_fingerprint
 from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
 
 
 def module_fingerprint(module: nn.Module, extra: object = None) -> str:
-    """A short hash of a module's parameter shapes and a cheap checksum of their values plus `extra`."""
-    digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            flat = tensor.detach().float().flatten()
-            stats = (
-                name,
-                tuple(tensor.shape),
-                float(flat.sum()),
-                float(flat[:: max(1, flat.numel() // 64)].sum()),
-            )
-            digest.update(repr(stats).encode())
-    return digest.hexdigest()[:16]
+    """The cheap fingerprint (:func:`lexvla._fingerprint.weights_fingerprint`) of a module's state dict
+    plus `extra` (e.g. the preprocessing): the key of a frozen tower's feature cache."""
+    return weights_fingerprint(module.state_dict().items(), extra)
 
 
 def pixels_key(pixels: Tensor) -> str:
