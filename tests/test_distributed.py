@@ -12,9 +12,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from lexvla._launch import launcher_env
 from lexvla.config import LossConfig
 from lexvla.errors import LexVLAError
 from lexvla.losses import LexVLAObjective
+from lexvla.search.encode import resolve_rank
 from lexvla.train import distributed as D
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
@@ -44,11 +46,13 @@ def test_launcher_variables(clean_env):
     clean_env.setenv("SLURM_PROCID", "3")
     clean_env.setenv("SLURM_NTASKS", "8")
     clean_env.setenv("SLURM_LOCALID", "1")
-    assert D._launcher_env() == (3, 8, 1)
+    assert launcher_env() == (3, 8, 1)
+    assert resolve_rank(None, None) == (3, 8)  # corpus encoding reads the same variables
+    assert resolve_rank(0, None) == (0, 8)
     clean_env.setenv("RANK", "5")  # torchrun inside a SLURM allocation wins
     clean_env.setenv("WORLD_SIZE", "6")
     clean_env.setenv("LOCAL_RANK", "2")
-    assert D._launcher_env() == (5, 6, 2)
+    assert launcher_env() == (5, 6, 2)
 
 
 def test_slurm_single_task_is_single_process(clean_env):

@@ -4,14 +4,14 @@ Each input shard (a WebDataset tar, or a fixed-size chunk of a folder's sorted i
 shard file set under `out_dir` (written by :mod:`lexvla.index.shards`: CSR int32 word ids and float16
 weights plus JSON-lines metadata). A finished shard is never redone, so a killed run resumes where it
 stopped; rank r of `world_size` processes takes every world_size-th shard (torchrun sets RANK and
-WORLD_SIZE). Images that cannot be decoded are skipped and listed in the encode report.
+WORLD_SIZE, `srun` SLURM_PROCID and SLURM_NTASKS). Images that cannot be decoded are skipped and
+listed in the encode report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -22,6 +22,7 @@ import torch
 
 from lexvla._atomic import atomic_write_text
 from lexvla._fingerprint import weights_fingerprint
+from lexvla._launch import launcher_env
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
 from lexvla.search.corpus import CorpusShard, folder_key, iter_items, list_shards
@@ -55,9 +56,11 @@ def trained_weights_fingerprint(model: LexVLA) -> str:
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit values, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    """Explicit values, else the launcher's (:func:`lexvla._launch.launcher_env`: torchrun's RANK /
+    WORLD_SIZE, else SLURM's SLURM_PROCID / SLURM_NTASKS), else (0, 1)."""
+    env_rank, env_world_size, _ = launcher_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world_size if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise LexVLAError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
     return rank, world_size
@@ -87,7 +90,7 @@ def encode_corpus(
         batch_size: images per forward pass.
         chunk_size: images per shard for a plain folder.
         rank, world_size: this process takes shards `rank, rank + world_size, ...`; default from
-            torchrun's RANK / WORLD_SIZE, else 0 / 1.
+            torchrun's RANK / WORLD_SIZE, else SLURM's SLURM_PROCID / SLURM_NTASKS, else 0 / 1.
         progress: show a progress bar with images/s.
         max_words: cap on words per image (default `model.cfg.lexical.index_max_words`).
         model_name: how the index should name the model (default: `model` when it is a string).

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from lexvla._launch import launcher_env
 from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
@@ -45,20 +46,6 @@ class DistInfo:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
-
-
-def _launcher_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun variables, else SLURM's, else (0, 1, 0)."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return (
-            int(env["SLURM_PROCID"]),
-            int(env["SLURM_NTASKS"]),
-            int(env.get("SLURM_LOCALID", "0")),
-        )
-    return 0, 1, 0
 
 
 def _select_device(device: str, local_rank: int) -> torch.device:
@@ -88,7 +75,7 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     Raises:
         LexVLAError: the other processes did not join within the timeout (naming the address).
     """
-    rank, world_size, local_rank = _launcher_env()
+    rank, world_size, local_rank = launcher_env()
     torch_device = _select_device(device, local_rank)
     if world_size <= 1:
         return DistInfo(0, 1, 0, torch_device)
