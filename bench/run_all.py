@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "serve_soak": ["--quick"],
     "text_latency": ["--queries", "12", "--captions", "64", "--profile-queries", "3"],
     "serve_load_small_offline": ["--quick"],
+    "train_flickr8k": "--images 40 --warmup 1 --steps 1 --check-steps 1 --profile-steps 1".split(),
 }
 # name -> (script, arguments of every run) where the report's name is not the script's
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -200,6 +201,29 @@ def _serve_load_small_offline(r: dict) -> list[str]:
     return lines
 
 
+def _train_flickr8k(r: dict) -> list[str]:
+    if "skipped" in r:
+        return [r["skipped"]]
+    res = r["results"]
+    images, captions = res["feature_caching"]["images"], res["feature_caching"]["captions"]
+    lines = [
+        f"caching: {images['images_per_s']:.1f} images/s ({images['count']}), "
+        f"{captions['captions_per_s']:.1f} captions/s ({captions['count']})"
+    ]
+    for name, row in res["steps"].items():
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in row["phases_median_s"].items())
+        lines.append(
+            f"{name}: {row['step_median_s']:.2f} s/step (CPU {row['step_cpu_median_s']:.2f} s); {phases}"
+        )
+    full = r.get("measured_by_full_run", {})
+    if full:
+        lines.append(
+            f"full run (lead): {full['wall_min']} min, {full['image_caching']['images_per_s']} images/s, "
+            f"{full['caption_caching']['captions_per_s']} captions/s, ~{full['seconds_per_step_approx']} s/step"
+        )
+    return lines
+
+
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "text_encoding": _text_encoding,
     "train_step": _train_step,
@@ -211,6 +235,7 @@ SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "serve_soak": _serve_soak,
     "text_latency": _text_latency,
     "serve_load_small_offline": _serve_load_small_offline,
+    "train_flickr8k": _train_flickr8k,
 }
 
 
