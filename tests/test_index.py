@@ -454,3 +454,12 @@ def test_searching_thread_scores_chunks_a_stalled_helper_left(tmp_path: Path) ->
             n = _kernels.merge_chunks(chunk_ids, chunk_scores, chunk_hits, 6, ids, scores)
             np.testing.assert_array_equal(ids[:n], expected[0])
             np.testing.assert_array_equal(scores[:n], expected[1])
+
+
+def test_import_leaves_numba_for_the_first_kernel_call() -> None:
+    # numba (the `index` extra) takes seconds to import: `import lexvla.index` must not pay for it
+    code = (
+        "import sys; import lexvla.index; assert 'numba' not in sys.modules; "
+        "from lexvla.index import _kernels; assert 'numba' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

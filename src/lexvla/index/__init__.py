@@ -7,6 +7,9 @@
   (`lexvla.index.milvus`, the `milvus` extra) implement it.
 - `export_index`: Anserini / PISA JSON lines (integer impacts), Elasticsearch / OpenSearch bulk NDJSON,
   Qdrant sparse-vector points.
+
+numba (the `index` extra) compiles the kernels every index operation runs (`_kernels`: CSR checks,
+posting lists, search); it is imported on the first such call, not by `import lexvla.index`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from lexvla.errors import LexVLAError
-from lexvla.index import _kernels
 
 _PROBLEMS = {
     1: "indptr is not a valid CSR row pointer (it must start at 0, never decrease and end at"
@@ -57,6 +56,8 @@ def canonical_csr(
         LexVLAError: on a malformed pointer, a word id out of range, a negative or non-finite weight
             or a word present twice in one row.
     """
+    from lexvla.index import _kernels  # numba, imported on first use
+
     indptr = _as_1d(indptr, "iu", "indptr", what).astype(np.int64, copy=False)
     indices = _as_1d(indices, "iu", "indices", what).astype(np.int64, copy=False)
     with np.errstate(over="ignore"):

@@ -33,7 +33,7 @@ import numpy as np
 
 from lexvla._atomic import reporting_full_disk
 from lexvla.errors import LexVLAError
-from lexvla.index import _io, _kernels
+from lexvla.index import _io
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def dense_min_df(dense_fraction: float | None, num_docs: int) -> int:
 
 
 def _postings(t: DocTable, vocab_size: int, min_df: int) -> dict[str, np.ndarray]:
+    from lexvla.index import _kernels  # numba, imported on first use
+
     df = _kernels.document_frequency(t.doc_terms, vocab_size)  # (V,)
     dense_terms = np.flatnonzero(df >= min_df).astype(np.int32)  # (H,)
     term_slot = np.full(vocab_size, -1, np.int32)

@@ -41,7 +41,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import numba
+try:
+    import numba
+except ModuleNotFoundError as error:  # the `index` extra
+    from lexvla.errors import LexVLAError
+
+    raise LexVLAError(
+        "the sparse index needs numba: pip install 'lexvla[index]' (or 'lexvla[all]')"
+    ) from error
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types, uint32, uint64

@@ -20,8 +20,6 @@ import queue
 import threading
 from typing import Any
 
-from lexvla.index import _kernels
-
 logger = logging.getLogger(__name__)
 
 
@@ -39,6 +37,8 @@ class _Helpers:
                 self.count += 1
 
     def _serve(self) -> None:
+        from lexvla.index import _kernels  # numba, imported on first use
+
         while True:
             args = self.jobs.get()
             try:
@@ -61,6 +61,8 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 def run(args: tuple[Any, ...], threads: int) -> None:
     """`_kernels.search_chunks(*args, ...)` on this thread and up to `threads - 1` helpers; returns
     when every chunk is scored."""
+    from lexvla.index import _kernels  # numba, imported on first use
+
     helpers = _helpers
     helpers.ensure(threads - 1)
     for _ in range(threads - 1):

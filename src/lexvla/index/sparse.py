@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from lexvla.errors import LexVLAError
-from lexvla.index import _commit, _io, _kernels, _threads
+from lexvla.index import _commit, _io, _threads
 from lexvla.index._csr import canonical_csr
 from lexvla.index._generation import DocTable, Generation, open_generation, write_generation
 from lexvla.index._writer import IndexWriter
@@ -221,6 +221,8 @@ class SparseIndex(IndexWriter):
         """Threads for a search of `cost` postings (`_kernels.query_cost`): `threads`, or by default
         all of numba's (all cores unless NUMBA_NUM_THREADS says otherwise) for queries of at least
         THREADED_MIN_COST postings; at most one per MIN_CHUNK_DOCS documents."""
+        from lexvla.index import _kernels  # numba, imported on first use
+
         if threads is None:
             threads = _kernels.get_num_threads() if cost >= _kernels.THREADED_MIN_COST else 1
         return max(1, min(threads, g.num_docs // _kernels.MIN_CHUNK_DOCS))
@@ -274,6 +276,8 @@ class SparseIndex(IndexWriter):
     ) -> tuple[np.ndarray, np.ndarray]:
         """search_ids on generation `g`: one snapshot of the arrays for the whole search, so a
         concurrent refresh() can never mix two generations."""
+        from lexvla.index import _kernels  # numba, imported on first use
+
         if k < 1:
             raise LexVLAError(f"k must be >= 1, got {k}")
         if threads is not None and threads < 1:
@@ -315,6 +319,8 @@ class SparseIndex(IndexWriter):
         scores: np.ndarray,
     ) -> int:
         """One thread, one kernel call for a canonical query (the common case)."""
+        from lexvla.index import _kernels  # numba, imported on first use
+
         n = -1
         if self._fast(terms, weights):
             n = _kernels.search_one(*arrays, terms, weights, len(ids), ids, scores)
@@ -336,6 +342,8 @@ class SparseIndex(IndexWriter):
         scores: np.ndarray,
     ) -> int:
         """Top k of a query scored by several threads in chunks of documents (if worth it)."""
+        from lexvla.index import _kernels  # numba, imported on first use
+
         cost = -1
         if self._fast(terms, weights):
             cost = _kernels.query_cost(arrays[0], arrays[3], terms, weights, g.num_docs)
@@ -431,6 +439,8 @@ class SparseIndex(IndexWriter):
             ids (Q, k) int64 and scores (Q, k) float32, best first; rows with fewer than k hits are
             padded with id -1 and score 0.
         """
+        from lexvla.index import _kernels  # numba, imported on first use
+
         if k < 1:
             raise LexVLAError(f"k must be >= 1, got {k}")
         ip, ix, vals = canonical_csr(q_indptr, q_indices, q_values, len(self.vocab), "query batch")
