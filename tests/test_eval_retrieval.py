@@ -203,3 +203,16 @@ def test_model_fingerprint_tracks_weights(tiny_model, fresh_tiny_model):
     with torch.no_grad():
         fresh_tiny_model.vision.codebook.add_(1e-3)
     assert model_fingerprint(tiny_model) != model_fingerprint(fresh_tiny_model)
+
+
+def test_training_validation_reports_the_configured_recall_ks(tiny_model):
+    from lexvla.data.synthetic import SyntheticDataset
+    from lexvla.train.validate import validate
+
+    result = validate(
+        tiny_model, SyntheticDataset(6, image_size=32, captions_per_image=2), ks=(1, 2)
+    )
+    assert "image_to_text/R@2" in result and "image_to_text/R@5" not in result
+    assert set(result["at_top_300"]) == {
+        f"{d}/R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 2)
+    }

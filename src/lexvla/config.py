@@ -217,15 +217,16 @@ class TrainConfig(_Checked):
     max_nonfinite_steps: int = 5
 
 
+RECALL_KS = (1, 5, 10)  # K of recall@K wherever none is given (lexvla.eval, training's validation)
+
+
 @dataclass
 class EvalConfig(_Checked):
     """Evaluation settings."""
 
     batch_size: int = 32  # encoding batch
-    recall_ks: tuple[int, ...] = (1, 5, 10)  # K of recall@K
-    patchdis_threshold: float = (
-        0.1  # PatchDis background: best class score (dot product) below this
-    )
+    recall_ks: tuple[int, ...] = RECALL_KS  # K of recall@K (training's validation)
+    patchdis_threshold: float = 0.1  # unused (old configs load): see eval patchdis --threshold
 
 
 @dataclass

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lexvla.config import RECALL_KS
+
 logger = logging.getLogger(__name__)
 
 ArrayLike = Tensor | np.ndarray
@@ -97,7 +99,7 @@ def image_to_text_ranks(
 def retrieval_recall(
     scores: ArrayLike,
     text_to_image: ArrayLike,
-    ks: Sequence[int] = (1, 5, 10),
+    ks: Sequence[int] = RECALL_KS,
     chunk_size: int = 1024,
 ) -> dict[str, float]:
     """Recall@K in both directions, in percent, with pessimistic ties (see the module docstring).

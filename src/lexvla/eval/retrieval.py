@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from lexvla._atomic import atomic_file
+from lexvla.config import RECALL_KS
 from lexvla.errors import LexVLAError
 from lexvla.eval.metrics import retrieval_recall
 from lexvla.eval.report import format_table, model_fingerprint
@@ -296,7 +297,7 @@ def describe_point(point: OperatingPoint, threshold: float | None, vocab_size: i
 
 # ------------------------------------------------------------------------------ metrics
 def chance_recall(
-    text_to_image: Tensor, num_images: int, ks: Sequence[int] = (1, 5, 10)
+    text_to_image: Tensor, num_images: int, ks: Sequence[int] = RECALL_KS
 ) -> dict[str, float]:
     """Expected Recall@K (%) of a random ranking: the floor an untrained model should beat."""
     n_texts = len(text_to_image)
@@ -325,7 +326,7 @@ def recall_from_weights(
     image_weights: Tensor,
     text_weights: Tensor,
     text_to_image: Tensor,
-    ks: Sequence[int] = (1, 5, 10),
+    ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, Any]:
     """Recall@K (%) with dot-product scores at the top level and cosine scores under `"cosine"`.
 
@@ -351,7 +352,7 @@ def evaluate_retrieval(
     sparsify: OperatingPoint | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    ks: Sequence[int] = (1, 5, 10),
+    ks: Sequence[int] = RECALL_KS,
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Zero-shot image↔text retrieval of `model` on a captioned dataset.
@@ -384,7 +385,7 @@ def retrieval_metrics(
     enc: Encodings,
     point: OperatingPoint = "threshold",
     threshold: float | None = None,
-    ks: Sequence[int] = (1, 5, 10),
+    ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, Any]:
     """The result of :func:`evaluate_retrieval` from dense encodings: sparsify at `point`, recall."""
     images = sparsify_weights(enc.image_weights, point, threshold)  # (N_i, V)

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lexvla.config import RECALL_KS
 from lexvla.eval.report import format_table
 from lexvla.eval.retrieval import (
     Encodings,
@@ -88,7 +89,7 @@ def sparsity_curve_from_encodings(
     operating_points: Iterable[OperatingPoint] = DEFAULT_OPERATING_POINTS,
     *,
     threshold: float | None = None,
-    ks: Sequence[int] = (1, 5, 10),
+    ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, Any]:
     """The sparsity curve of already-encoded dense vectors.
 
@@ -132,7 +133,7 @@ def sparsity_curve(
     batch_size: int = 32,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    ks: Sequence[int] = (1, 5, 10),
+    ks: Sequence[int] = RECALL_KS,
     limit: int | None = None,
     plot_path: str | Path | None = None,
 ) -> dict[str, Any]:

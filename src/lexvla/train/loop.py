@@ -438,6 +438,7 @@ def evaluate(t: Trainer) -> dict[str, Any]:
         tables_root=ckpt.feature_cache_root() if use_tables else None,
         dtype=_FEATURE_DTYPES.get(cfg.train.feature_cache_dtype, torch.float16),
         batch_size=cfg.eval.batch_size,
+        ks=cfg.eval.recall_ks,
     )
     t.model.train()
     t.state.eval_results = result

@@ -7,12 +7,14 @@ Otherwise the model encodes them from pixels and text.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lexvla.config import RECALL_KS
 from lexvla.eval.retrieval import (
     Encodings,
     collect_retrieval_data,
@@ -35,8 +37,9 @@ def validate(
     tables_root: Path | None = None,
     dtype: torch.dtype = torch.float16,
     batch_size: int = 32,
+    ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, Any]:
-    """Recall@1/5/10 at the model's sparsification (and at the top 300 words), and word quality.
+    """Recall@K (`ks`: 1/5/10 by default) at the model's sparsification (and at the top 300 words), and word quality.
 
     Args:
         model: the model, in eval mode.
@@ -44,6 +47,7 @@ def validate(
         tables_root: where frozen-feature tables live; None encodes from pixels and text.
         dtype: storage dtype of the image feature table.
         batch_size: images per forward of the heads.
+        ks: the K of recall@K (the run's `eval.recall_ks`).
     """
     if tables_root is not None:
         enc, captions = encodings_from_tables(model, holdout, tables_root, dtype, batch_size)
@@ -52,8 +56,8 @@ def validate(
         enc = encode_retrieval_data(model, data, batch_size=batch_size, progress=False)
         captions = data.captions
     point, threshold = model_operating_point(model, None)
-    result = retrieval_metrics(enc, point, threshold)
-    top = retrieval_metrics(enc, TOP_WORDS, threshold)
+    result = retrieval_metrics(enc, point, threshold, ks)
+    top = retrieval_metrics(enc, TOP_WORDS, threshold, ks)
     result[f"at_top_{TOP_WORDS}"] = {k: v for k, v in top.items() if "/R@" in k}
     result["words"] = word_quality(
         enc.image_weights,
