@@ -116,11 +116,15 @@ def test_corpus_index_search_eval_explain_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     hits = [line for line in result.output.splitlines() if re.match(r"\s+\d+\. ", line)]
     assert len(hits) == 3 and all(".png" in line for line in hits)
+    # --explain: under each hit its words, contribution = query weight x document weight
+    parts = re.findall(r"^\s+(\d+\.\d+) = (\d+\.\d+) x (\d+\.\d+)  \S+", result.output, re.M)
+    assert parts and all(abs(float(c) - float(q) * float(d)) < 2e-3 for c, q, d in parts)
     first_word = re.search(r"query words: (\S+)", result.output).group(1)
     dropped = runner.invoke(
         app, ["search", str(index), "--text", "a red dog", "--drop", first_word]
     )
     assert dropped.exit_code == 0 and f"query words: {first_word} " not in dropped.output
+    assert " = " not in dropped.output  # no --explain: hits only
     out = tmp_path / "retrieval.json"
     result = runner.invoke(
         app, ["eval", "retrieval", "--model", "tiny", "--data", str(csv), "--out", str(out)]

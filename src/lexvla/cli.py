@@ -610,11 +610,16 @@ def _print_search(result: dict) -> None:
     for rank, hit in enumerate(result.get("results", []), 1):
         where = hit.get("metadata", {}).get("path") or hit.get("key")
         console.print(f"{rank:3d}. {hit['score']:.4f}  {where}")
-        if hit.get("words"):
+        why = hit.get("explanation")  # --explain: the words that make the score
+        for w in why["words"] if why else ():
             console.print(
-                "       "
-                + ", ".join(f"{w['word']} {w['contribution']:.4f}" for w in hit["words"][:8])
+                f"       {w['contribution']:.4f} = {w['query_weight']:.3f} x {w['doc_weight']:.3f}"
+                f"  {w['word']}"
             )
+        if why and why["remainder"]:
+            console.print(f"       {why['remainder']:.4f}  (other shared words)")
+        if why and why["missing"]:
+            console.print(f"       [dim]not in it: {', '.join(why['missing'][:8])}[/dim]")
 
 
 @app.command()

@@ -53,7 +53,8 @@ def run_search(
         text, image: exactly one of them is the query.
         model: preset / run / checkpoint; None uses the model the index records.
         k: number of results.
-        explain: add each hit's per-word explanation (`engine.explain`).
+        explain: give each hit its per-word contributions (`words`) and explanation
+            (`engine.explain`, what `lexvla search --explain` prints); neither is computed without it.
         drop: query words to remove; boost: `word=factor`; add: `word=weight`.
         engine: an already opened engine (then `index`, `milvus` and `model` are ignored).
 
@@ -69,7 +70,7 @@ def run_search(
         boost=parse_word_values(boost, "--boost"),
         add=parse_word_values(add, "--add"),
     )
-    results = engine.search(query, k=k, explain=True)
+    results = engine.search(query, k=k, explain=explain)
     if explain:
         for hit in results:
             hit["explanation"] = engine.explain(query, hit["doc"])
