@@ -53,8 +53,8 @@ def run_search(
         text, image: exactly one of them is the query.
         model: preset / run / checkpoint; None uses the model the index records.
         k: number of results.
-        explain: give each hit its per-word contributions (`words`) and explanation
-            (`engine.explain`, what `lexvla search --explain` prints); neither is computed without it.
+        explain: add each hit's per-word explanation (`engine.explain`, what `lexvla search
+            --explain` prints).
         drop: query words to remove; boost: `word=factor`; add: `word=weight`.
         engine: an already opened engine (then `index`, `milvus` and `model` are ignored).
 
@@ -70,7 +70,7 @@ def run_search(
         boost=parse_word_values(boost, "--boost"),
         add=parse_word_values(add, "--add"),
     )
-    results = engine.search(query, k=k, explain=explain)
+    results = engine.search(query, k=k, explain=True)
     if explain:
         for hit in results:
             hit["explanation"] = engine.explain(query, hit["doc"])
