@@ -293,6 +293,13 @@ def main() -> None:
         "--check-steps", type=int, default=2, help="timed `train_step` calls per setting"
     )
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps per setting")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default). On a shared machine 1 avoids the stalls of two "
+        "OpenMP threads when another process holds a core",
+    )
     parser.add_argument("--top", type=int, default=15, help="operators listed per profile")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "train_flickr8k.json"
@@ -304,6 +311,8 @@ def main() -> None:
         if not args.out.exists():  # never replace a real report by a skip
             write_json(args.out, {"benchmark": "train_flickr8k", "skipped": reason, "targets": {}})
         return
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     machine_at_start = torch_machine_info()
     contention = Contention()
     torch.manual_seed(0)
