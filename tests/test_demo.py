@@ -44,7 +44,7 @@ def test_demo_writes_a_report_with_figures(tmp_path, coco_mini, small_offline_mo
         assert all(s["hits"] for s in results["searches"])
     for search in results["searches"]:
         for hit in search["hits"]:
-            assert hit["score"] > 0 and hit["words"][0]["share"] > 0
+            assert hit["score"] > 0 and hit["shares"][0]["share"] > 0
     shown = console.export_text()
     model = "flickr8k" if bundled_head else str(tmp_path / "run")
     assert f"--model {model}" in shown
@@ -64,6 +64,27 @@ def test_shares_show_the_digits_they_need():
     shown = pipeline._word_shares([("dog", 0.02), ("grass", 0.0005), ("sky", 1e-9)], 0.1)
     assert shown == "dog 20%, grass 0.50%, sky <0.01%"
     assert pipeline._word_shares([("dog", 0.0)], 0.0) == "dog"
+
+
+def test_search_shares_merge_the_forms_of_a_word():
+    from types import SimpleNamespace
+
+    from lexvla.vocab import display_groups
+
+    words = ("dog", "dogs", "##dog", "grass", "puppies")
+    vocab = SimpleNamespace(words=words, word_groups=lambda: display_groups(words))
+    rows = [
+        {"word": "dogs", "contribution": 0.01},
+        {"word": "grass", "contribution": 0.015},
+        {"word": "dog", "contribution": 0.02},
+        {"word": "puppies", "contribution": 0.005},
+    ]
+    shares = pipeline._merged_shares(rows, 0.1, vocab)
+    assert [(s["word"], round(s["share"], 6)) for s in shares] == [
+        ("dog", 0.3),
+        ("grass", 0.15),
+        ("puppies", 0.05),
+    ]
 
 
 def test_the_head_is_the_bundled_checkpoint(monkeypatch, tmp_path, tiny_model):

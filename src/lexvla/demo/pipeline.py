@@ -353,6 +353,7 @@ def _records(dataset: Any) -> list[Any]:
 
 def _index_and_search(run: DemoRun, model: Any, data: DemoData) -> Any:
     from lexvla.index import build_index
+    from lexvla.interpret.lexicon import merge_pieces
     from lexvla.search.encode import encode_corpus
     from lexvla.search.engine import SearchEngine
 
@@ -372,18 +373,36 @@ def _index_and_search(run: DemoRun, model: Any, data: DemoData) -> Any:
     for text in EXAMPLE_QUERIES:
         query = engine.query_from_text(text)
         hits = engine.search(query, k=3, explain=True)
-        for hit in hits:  # each word's share of the hit's score
-            for word in hit["words"]:
-                word["share"] = word["contribution"] / hit["score"] if hit["score"] > 0 else 0.0
-        searches.append({"query": text, "query_words": query.top(8), "hits": hits})
+        for hit in hits:  # the forms of a word as one word, with its share of the hit's score
+            hit["shares"] = _merged_shares(hit["words"], hit["score"], model.vocab)
+        merged = merge_pieces(torch.from_numpy(query.to_dense()), model.vocab.words)
+        query_words = sorted(merged.items(), key=lambda kv: -kv[1])[:8]
+        searches.append({"query": text, "query_words": query_words, "hits": hits})
         best = hits[0] if hits else None
         words = _word_shares(
-            [(w["word"], w["contribution"]) for w in (best or {}).get("words", [])[:4]],
+            [(w["word"], w["contribution"]) for w in (best or {}).get("shares", [])[:4]],
             best["score"] if best else 0.0,
         )
         run.console.print(f"  [bold]{text!r}[/bold] → {best['key'] if best else '-'}  ({words})")
     run.results["searches"] = searches
     return engine
+
+
+def _merged_shares(
+    contributions: list[dict[str, Any]], score: float, vocab: Any
+) -> list[dict[str, Any]]:
+    """A hit's per-dimension contributions with the forms of a word summed ("dog" + "dogs" -> dog,
+    `vocab.word_groups()`), largest first, each with its share of the score."""
+    groups, labels = vocab.word_groups()
+    label = {word: labels[g] for word, g in zip(vocab.words, groups)}
+    merged: dict[str, float] = {}
+    for row in contributions:
+        name = label.get(row["word"], row["word"])
+        merged[name] = merged.get(name, 0.0) + row["contribution"]
+    return [
+        {"word": word, "contribution": value, "share": value / score if score > 0 else 0.0}
+        for word, value in sorted(merged.items(), key=lambda kv: -kv[1])
+    ]
 
 
 def _word_shares(contributions: list[tuple[str, float]], score: float) -> str:

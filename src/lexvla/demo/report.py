@@ -258,16 +258,18 @@ def _patchdis_section(run: Any) -> str:
         [label, r["mIoU"], r["mIoU/foreground"], r["pixel_accuracy"], r["num_images"]]
         for _, label, r in compared
     ]
-    table = html.table(
-        ["model", "mIoU", "mIoU (foreground)", "pixel accuracy", "images"],
-        [[row[0], *(f"{v:.3f}" for v in row[1:4]), row[4]] for row in rows],
+    table = html.table(  # in % with 2 decimals: a small non-zero mIoU does not read as 0.000
+        ["model", "mIoU %", "mIoU % (foreground)", "pixel accuracy %", "images"],
+        [[row[0], *(f"{100 * v:.2f}" for v in row[1:4]), row[4]] for row in rows],
     )
     figures = "".join(html.figure(p, Path(p).stem) for p in run.figures.get("patchdis", []))
     last = compared[-1][1]
     return (
         table
-        + f"<p class='muted'>{html.escape(compared[-1][2]['rule'])}. Overlays: {html.escape(last)} "
-        "(prediction | ground truth).</p>" + f"<div class='grid'>{figures}</div>"
+        + f"<p class='muted'>{html.escape(compared[-1][2]['rule'])}. mIoU counts background as a "
+        "class, so a model that calls most patches background scores on it; the foreground "
+        f"column leaves it out. Overlays: {html.escape(last)} (prediction | ground truth).</p>"
+        + f"<div class='grid'>{figures}</div>"
     )
 
 
@@ -279,7 +281,10 @@ def _search_section(searches: list[dict[str, Any]]) -> str:
             (
                 h["key"],
                 f"{h['score']:.3g}",
-                shares_text([(w["word"], w["contribution"]) for w in h["words"][:5]], h["score"]),
+                shares_text(
+                    [(w["word"], w["contribution"]) for w in h.get("shares", h["words"])[:5]],
+                    h["score"],
+                ),
             )
             for h in search["hits"]
         ]
