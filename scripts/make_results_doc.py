@@ -504,6 +504,40 @@ def tries_table(tries: Json) -> str:
     return text
 
 
+def penalty_comparison(results: Path) -> list[str]:
+    """Experiment 1 on Flickr8k: the recipe (overuse) beside the same run with the FLOPs penalty."""
+    arms = [("overuse (the recipe)", results / "flickr8k_recipe.json")]
+    arms.append(("FLOPs", results / "flickr8k_flops.json"))
+    if not all(path.is_file() for _, path in arms):
+        return []
+    rows = []
+    for name, path in arms:
+        rec = json.loads(path.read_text())
+        loss, t, w = rec["config"]["loss"], rec["trained"], rec["trained"]["words"]
+        over = w["overused_words"]["image"]
+        rows.append(
+            [
+                name,
+                f"{loss['penalty_weight']:g}",
+                f"{w['active_words']['image']:,.0f} / {w['active_words']['text']:,.0f}",
+                f"{_r(t, 'image_to_text', 10):.1f} / {_r(t, 'text_to_image', 10):.1f}",
+                f"{_r(t['at_top_300'], 'image_to_text', 10):.1f} / "
+                f"{_r(t['at_top_300'], 'text_to_image', 10):.1f}",
+                f"{w['image_precision']:.1f} / {w['text_precision']:.1f}",
+                f"{len(over)}",
+                ", ".join(f"{o['word']} {o['share']:.0%}" for o in over[:4]) or "none",
+            ]
+        )
+    header = ["penalty", "λ", "active img / txt", "R@10 i→t / t→i", "R@10 at top 300",
+              "precision@10 img / txt", "image words in > 10% of top-10s", "most used"]  # fmt: skip
+    return [
+        "### Overuse vs FLOPs on Flickr8k (experiment 1, one seed)",
+        "",
+        table(header, rows),
+        "",
+    ]
+
+
 def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
     path = results / "flickr8k_recipe.json"
     if not path.is_file():
@@ -542,6 +576,9 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
             recipe_patchdis(rec),
             "",
         ]
+    parts += penalty_comparison(results)
+    if notes.get("penalty"):
+        parts += [notes["penalty"], ""]
     tries = results / "issue13_tries.json"
     if tries.is_file():
         parts += [

@@ -202,7 +202,9 @@ def test_top_words_and_sparse_form(tiny_model):
 def test_top_words_can_merge_continuation_pieces(tiny_model):
     from lexvla.vocab import LexicalVocabulary
 
-    vocab = LexicalVocabulary((1, 2, 3, 4, 5), ("dogs", "##dog", "cat", "dog", "boxes"), "pieces", 6)
+    vocab = LexicalVocabulary(
+        (1, 2, 3, 4, 5), ("dogs", "##dog", "cat", "dog", "boxes"), "pieces", 6
+    )
     groups, words = vocab.word_groups()
     # forms of one word merge and show as the word; "boxes" has no "box" in the vocabulary
     assert groups == [0, 0, 1, 0, 2] and words == ["dog", "cat", "boxes"]
