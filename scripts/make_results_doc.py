@@ -302,6 +302,18 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def _ratio_row(label: str, goal: str, block: Json, reference: Json, direction: str) -> list[str]:
+    """A target row `R@10 of block ≥ RECIPE_TARGETS[goal] × R@10 of reference`."""
+    value, base = _r(block, direction, 10), _r(reference, direction, 10)
+    ratio = value / max(base, 1e-9)
+    return [
+        label,
+        f"≥ {RECIPE_TARGETS[goal]:.0%}",
+        f"{value:.1f} vs {base:.1f} ({ratio:.0%})",
+        _verdict(ratio >= RECIPE_TARGETS[goal]),
+    ]
+
+
 def recipe_targets(rec: Json) -> str:
     t, words = rec["trained"], rec["trained"]["words"]
     dense = rec["dense_baseline"]
@@ -336,26 +348,11 @@ def recipe_targets(rec: Json) -> str:
         ]
     )
     for d in DIRECTIONS:
-        ratio = _r(t, d, 10) / max(_r(dense, d, 10), 1e-9)
-        rows.append(
-            [
-                f"{d.replace('_', ' ')} R@10 vs dense baseline",
-                f"≥ {RECIPE_TARGETS['dense_ratio']:.0%}",
-                f"{_r(t, d, 10):.1f} vs {_r(dense, d, 10):.1f} ({ratio:.0%})",
-                _verdict(ratio >= RECIPE_TARGETS["dense_ratio"]),
-            ]
-        )
+        label = f"{d.replace('_', ' ')} R@10 vs dense baseline"
+        rows.append(_ratio_row(label, "dense_ratio", t, dense, d))
     for d in DIRECTIONS:
-        top = t["at_top_300"]
-        ratio = _r(top, d, 10) / max(_r(t, d, 10), 1e-9)
-        rows.append(
-            [
-                f"{d.replace('_', ' ')} R@10 at top 300 vs threshold",
-                f"≥ {RECIPE_TARGETS['top300_ratio']:.0%}",
-                f"{_r(top, d, 10):.1f} vs {_r(t, d, 10):.1f} ({ratio:.0%})",
-                _verdict(ratio >= RECIPE_TARGETS["top300_ratio"]),
-            ]
-        )
+        label = f"{d.replace('_', ' ')} R@10 at top 300 vs threshold"
+        rows.append(_ratio_row(label, "top300_ratio", t["at_top_300"], t, d))
     pd = rec.get("patchdis")
     if pd:
         ratio = pd["trained"]["mIoU"] / max(pd["untrained"]["mIoU"], 1e-9)
