@@ -66,24 +66,27 @@ def fold_word(word: str) -> str:
     return word[:-1] if word.endswith("s") else word
 
 
+def fold_groups(words: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Group words by :func:`fold_word`: `(group_of_index, folded_form_of_group)`, groups numbered in
+    order of first appearance."""
+    index: dict[str, int] = {}
+    groups = [index.setdefault(fold_word(w), len(index)) for w in words]
+    return groups, list(index)
+
+
 def display_groups(words: Sequence[str]) -> tuple[list[int], list[str]]:
-    """Group display words that are forms of one word (same :func:`fold_word`).
+    """Group display words that are forms of one word (:func:`fold_groups`).
 
     Returns `(group_of_index, group_words)`. A group is shown as its folded form when that form is
     itself one of the words ("dog" for "dog", "dogs", "##dog"), else as its first word without "##"
     ("puppies" alone stays "puppies").
     """
-    keys = [fold_word(w) for w in words]
+    groups, keys = fold_groups(words)
     plain = {w.removeprefix(CONTINUATION_PREFIX).lower() for w in words}
-    index: dict[str, int] = {}
-    labels: list[str] = []
-    groups = []
-    for word, key in zip(words, keys):
-        if key not in index:
-            index[key] = len(labels)
-            labels.append(key if key in plain else word.removeprefix(CONTINUATION_PREFIX))
-        groups.append(index[key])
-    return groups, labels
+    first: dict[int, str] = {}
+    for word, group in zip(words, groups):
+        first.setdefault(group, word.removeprefix(CONTINUATION_PREFIX))
+    return groups, [key if key in plain else first[g] for g, key in enumerate(keys)]
 
 
 def caption_tokens(text: str) -> list[str]:

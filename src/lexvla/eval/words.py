@@ -37,14 +37,13 @@ from torch import Tensor
 from lexvla.errors import LexVLAError
 from lexvla.eval.report import format_table
 from lexvla.layers.lexical import sparsify_threshold
-from lexvla.vocab import CONTINUATION_PREFIX, caption_words, fold_word, stop_words
+from lexvla.vocab import CONTINUATION_PREFIX, caption_words, fold_groups, fold_word, stop_words
 
 
 def fold_vocabulary(words: Sequence[str]) -> tuple[Tensor, list[str]]:
     """Group a vocabulary's display words by folded form: `((V,) group of each dimension, (W,) words)`."""
-    index: dict[str, int] = {}
-    groups = [index.setdefault(fold_word(w), len(index)) for w in words]
-    return torch.tensor(groups, dtype=torch.long), list(index)
+    groups, folded = fold_groups(words)
+    return torch.tensor(groups, dtype=torch.long), folded
 
 
 def top_word_ids(weights: Tensor, groups: Tensor, num_groups: int, k: int) -> Tensor:
