@@ -38,7 +38,11 @@ from lexvla.train.baseline import dense_retrieval, fit_dense_baseline  # noqa: E
 from lexvla.train.batches import BatchSource  # noqa: E402
 from lexvla.train.checkpoint import feature_cache_root  # noqa: E402
 from lexvla.train.features import image_feature_table, text_feature_table  # noqa: E402
-from lexvla.train.validate import encodings_from_tables, validate  # noqa: E402
+from lexvla.train.validate import (  # noqa: E402
+    encodings_from_tables,
+    validate,
+    validation_metrics,
+)
 
 CURVE = ("threshold", "dense", 4096, 2048, 1024, 512, 300, 128, 64, 32)
 
@@ -50,8 +54,8 @@ def _say(text: str) -> None:
 @torch.no_grad()
 def lexical_block(model: LexVLA, holdout: Any, root: Path) -> dict[str, Any]:
     """Validation metrics (retrieval at threshold and top 300, word quality) and the sparsity curve."""
-    result = validate(model, holdout, tables_root=root)
-    enc, _ = encodings_from_tables(model, holdout, root, torch.float16, 32)
+    enc, captions = encodings_from_tables(model, holdout, root, torch.float16, 32)
+    result = validation_metrics(model, enc, captions)
     result["curve"] = sparsity_curve_from_encodings(enc, CURVE)
     return result
 
@@ -115,11 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "experiments" / "results" / "flickr8k_recipe.json"
     )
-    parser.add_argument("--wall-seconds", type=float, help="the run's wall time (measured around it)")
-    parser.add_argument("--caching-seconds", type=float, help="the part of it spent caching features")
+    parser.add_argument(
+        "--wall-seconds", type=float, help="the run's wall time (measured around it)"
+    )
+    parser.add_argument(
+        "--caching-seconds", type=float, help="the part of it spent caching features"
+    )
     parser.add_argument("--note", default="", help="what else ran on the machine meanwhile")
     parser.add_argument(
-        "--compact", type=Path, help="also evaluate this compact checkpoint (`lexvla compact`) on val"
+        "--compact",
+        type=Path,
+        help="also evaluate this compact checkpoint (`lexvla compact`) on val",
     )
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -129,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     untrained = LexVLA(cfg.model).eval()
     holdout = BatchSource(cfg.data, cfg.train).holdout
     root = feature_cache_root()
-    report: dict[str, Any] = {"run": str(args.run), "config": json.loads((args.run / "config.json").read_text())}
+    report: dict[str, Any] = {
+        "run": str(args.run),
+        "config": json.loads((args.run / "config.json").read_text()),
+    }
     report["timing"] = {
         "wall_seconds": args.wall_seconds,
         "caching_seconds": args.caching_seconds,

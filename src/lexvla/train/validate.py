@@ -55,6 +55,13 @@ def validate(
         data = collect_retrieval_data(holdout)
         enc = encode_retrieval_data(model, data, batch_size=batch_size, progress=False)
         captions = data.captions
+    return validation_metrics(model, enc, captions, ks)
+
+
+def validation_metrics(
+    model: LexVLA, enc: Encodings, captions: list[str], ks: Sequence[int] = RECALL_KS
+) -> dict[str, Any]:
+    """What :func:`validate` reports, from encodings already made (dense vectors, caption owners)."""
     point, threshold = model_operating_point(model, None)
     result = retrieval_metrics(enc, point, threshold, ks)
     top = retrieval_metrics(enc, TOP_WORDS, threshold, ks)
