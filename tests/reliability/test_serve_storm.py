@@ -121,6 +121,30 @@ def test_storm_answers_each_request_with_its_own_answer(storm_server) -> None:
             assert [r["doc"] for r in body["results"]] == ids.tolist(), text[:40]
             np.testing.assert_allclose([r["score"] for r in body["results"]], scores, rtol=1e-5)
             assert body["query"]["source"] == f"text: {text.strip()}"
+    # The mix above puts the failing text beside others only as scheduling allows: send it once more
+    # together with three texts released at the same instant (well inside max_wait_ms), so at least
+    # one of its batches holds other texts that must still be answered.
+    burst = [EXPLODE, *TEXTS[:3]]
+    barrier = threading.Barrier(len(burst))
+    answers: dict[str, tuple[int, dict]] = {}
+
+    def burst_client(text: str) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.connect()
+        barrier.wait()
+        answers[text] = _post(conn, text)
+        conn.close()
+
+    burst_threads = [threading.Thread(target=burst_client, args=(t,)) for t in burst]
+    for thread in burst_threads:
+        thread.start()
+    for thread in burst_threads:
+        thread.join(timeout=60)
+    assert answers[EXPLODE][0] == 400, answers[EXPLODE]
+    for text in TEXTS[:3]:
+        status, body = answers[text]
+        assert status == 200, (text[:40], body)
+        assert [r["doc"] for r in body["results"]] == expected[text][1].tolist(), text[:40]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/api/info")
     stats = json.loads(conn.getresponse().read())["text_batching"]
