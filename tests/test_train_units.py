@@ -97,3 +97,30 @@ def test_run_logger_drops_steps_after_resume_point(tmp_path):
         json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2, 3, 4]
+
+
+def test_dataset_fingerprint_follows_file_contents_not_paths_or_times(tmp_path, monkeypatch):
+    """The same bytes named from another directory, copied or touched key the same feature cache;
+    other bytes or captions do not."""
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    from lexvla.train.features import dataset_fingerprint
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jpg").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+
+    def key(path: str, caption: str = "a dog") -> str:
+        record = SimpleNamespace(key="a", path=path, captions=[caption])
+        return dataset_fingerprint(SimpleNamespace(records=[record]))
+
+    first = key("data/a.jpg")
+    assert key(str(tmp_path / "data" / "a.jpg")) == first
+    os.utime(tmp_path / "data" / "a.jpg", (1, 1))  # touched
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")
+    assert key("data/a.jpg") == key("copy/a.jpg") == first
+    assert key("data/a.jpg", "a cat") != first
+    (tmp_path / "data" / "a.jpg").write_bytes(b"xy")
+    assert key("data/a.jpg") != first

@@ -223,7 +223,11 @@ def _write_chunk(path: Path, features: Tensor, ok: Tensor) -> None:
 
 
 def dataset_fingerprint(dataset: Any) -> str:
-    """A hash of a map-style dataset's keys, files (path, size, mtime) and captions."""
+    """A hash of a map-style dataset's keys, file contents and captions.
+
+    Files count by their bytes, not their path or modification time: the same images named from
+    another working directory, copied elsewhere or touched share one cache, and changed bytes never
+    reuse it. Reading them costs a fraction of decoding them once."""
     digest = hashlib.sha256()
     records = getattr(dataset, "records", None)
     items = records if records is not None else (dataset[i] for i in range(len(dataset)))
@@ -232,10 +236,16 @@ def dataset_fingerprint(dataset: Any) -> str:
             digest.update(b"\0none\0")
             continue
         path = str(getattr(item, "path", "") or "")
-        stat = os.stat(path) if path and os.path.isfile(path) else None
-        identity = (item.key, path, stat and (stat.st_size, stat.st_mtime_ns), list(item.captions))
+        content = _file_digest(path) if path and os.path.isfile(path) else None
+        identity = (item.key, content, list(item.captions))
         digest.update(json.dumps(identity, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def _file_digest(path: str) -> str:
+    """blake2b of a file's bytes (16 hex digits)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=8)).hexdigest()
 
 
 class _Progress:
