@@ -101,7 +101,7 @@ class FeatureStore:
                 features = model.text.bag_of_words(chunk)
             else:
                 features = self.text_cache(model).get(chunk, model.text.forward_features)
-            out.append(model.text(features).float().cpu())
+            out.append(model.text(features, chunk).float().cpu())
         return torch.cat(out)
 
 

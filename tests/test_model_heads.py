@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lexvla.config import apply_overrides
-from lexvla.layers.lexical import LogitAffine, lexical_max_pool
+from lexvla.errors import LexVLAError
+from lexvla.layers.lexical import LogitAffine, lexical_activation, lexical_max_pool
 from lexvla.models.lexvla import LexVLA
 from lexvla.models.text import TextHead
 from lexvla.presets import get_preset
@@ -80,3 +82,36 @@ def test_random_patches_keep_a_subset_of_each_images_own_patches():
         chosen = [tuple(r) for r in kept[image].tolist()]
         assert set(chosen) <= rows and len(set(chosen)) == 5  # distinct patches of this image
     assert random_patches(features, 0.01).shape == (2, 1, 3)
+
+
+def test_input_words_add_exactly_the_captions_own_words():
+    model = _model("model.text.use_lora=false", "model.text.input_words_weight=2.0").eval()
+    captions = ["a dog runs on the grass", "two dogs"]
+    states = torch.randn(2, model.text.codebook.shape[1])
+    with torch.no_grad():
+        plain = lexical_activation(model.text.logits(states))  # (B, V), the LLM's prediction alone
+        added = model.text.activations(states, captions) - plain  # (B, V)
+    vocab = model.vocab
+    for row, words in enumerate([["dog", "runs", "grass"], ["two", "dogs"]]):
+        expected = torch.zeros(vocab.size)
+        expected[[d for w in words for d in vocab.word_dims(w)]] = 2.0
+        assert expected.sum() > 0, "the tiny vocabulary should know some of these words"
+        torch.testing.assert_close(added[row], expected)
+    for stop in ("a", "on", "the"):  # stop words are never added
+        assert not vocab.word_dims(stop) or added[0, vocab.word_dims(stop)].abs().max() == 0
+    encoded = model.encode_text(captions).text_weights  # the same sum, from the captions alone
+    with torch.no_grad():
+        features = model.text.forward_features(captions)
+        by_hand = torch.nn.functional.normalize(
+            lexical_activation(model.text.logits(features)) + added, dim=-1
+        )
+    torch.testing.assert_close(encoded, by_hand, atol=1e-5, rtol=1e-4)
+
+
+def test_input_words_need_the_captions_of_cached_features():
+    model = _model("model.text.use_lora=false", "model.text.input_words_weight=1.0")
+    states = torch.randn(2, model.text.codebook.shape[1])
+    with pytest.raises(LexVLAError, match="input_words_weight=1.0.*pass the 2 captions"):
+        model.text.activations(states)
+    with pytest.raises(LexVLAError, match="encoder='bow'"):
+        _model("model.text.use_lora=false", "model.text.encoder=bow", "model.text.input_words_weight=1.0")

@@ -212,6 +212,7 @@ def test_precomputed_feature_tables_train_exactly_like_pixels(tmp_path, monkeypa
     common += [
         "model.text.use_lora=false",
         "model.text.head=mlp",
+        "model.text.input_words_weight=1.0",  # the captions travel with their cached features
         "train.feature_cache_dtype=float32",
     ]
     fit(_cfg(*common, "train.cache_features=false"), tmp_path / "pixels", progress=False)

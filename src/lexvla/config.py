@@ -99,6 +99,11 @@ class TextConfig(_Checked):
     # own prediction). With a frozen LLM (use_lora=false) it trains the text side on cached features.
     head: str = "none"
     head_mlp_ratio: float = 1.0  # hidden width of the "mlp" head / LLM width
+    # Weight of the caption's own words in its text vector: `elu+1(logits) + w·bag`, where `bag` is
+    # 1 on every vocabulary word the caption writes (stop words dropped; "dogs" lights dog and dogs).
+    # SPLADE keeps the input terms this way; the LLM's prediction adds the words the caption implies.
+    # 0: the paper's text side (the LLM's prediction alone). Only for encoder "llm".
+    input_words_weight: float = 0.0
     # How a Llama LLM (without LoRA) encodes at inference (eval mode, no gradient): a lean forward
     # with its weights packed once (models/text_inference.py), "float32" (equal to the transformers
     # forward within float rounding) or "bfloat16" (about 2x faster where the CPU multiplies bf16
@@ -433,6 +438,7 @@ RANGES: dict[str, Range] = {
     "model.text.lora_alpha": POSITIVE,
     "model.text.lora_dropout": FRACTION,
     "model.text.head_mlp_ratio": POSITIVE,
+    "model.text.input_words_weight": AT_LEAST_0,
     "model.lexical.pool_chunk_size": AT_LEAST_1,
     "model.lexical.threshold": FRACTION,
     "model.lexical.top_k": AT_LEAST_1,

@@ -147,10 +147,13 @@ def small_offline() -> ExperimentConfig:
     # (LoRA on SmolLM2 costs about 40x per step here), the "words" vocabulary (whole words, no stop
     # words), a learnt scale and offset per modality that start every logit at -5 (sparse at step 0),
     # a sharp temperature (50), the overuse penalty on the activations, a small caption-word loss that
-    # names what is in the photo, and a random quarter of the patches per step (FLIP-style).
+    # names what is in the photo, the caption's own words in its text vector (weight 2, SPLADE-style),
+    # and a random quarter of the patches per step (FLIP-style).
     model = ModelConfig(
         vision=VisionConfig(backbone="offline:dinov2-small"),
-        text=TextConfig(backbone="offline:smollm2-135m", use_lora=False, head="mlp"),
+        text=TextConfig(
+            backbone="offline:smollm2-135m", use_lora=False, head="mlp", input_words_weight=2.0
+        ),
         lexical=LexicalConfig(
             pool_search_dtype="auto",
             vocab_rule="words",

@@ -165,7 +165,7 @@ class LexVLA(nn.Module):
     def encode_text(self, texts: str | Sequence[str]) -> TextEncoding:
         """Captions -> (B, V) lexical weights through the in-context prompt."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return TextEncoding(_finite(self.text(self.text.forward_features(texts)), "text"))
+        return TextEncoding(_finite(self.text(self.text.forward_features(texts), texts), "text"))
 
     def forward(
         self,
@@ -180,7 +180,8 @@ class LexVLA(nn.Module):
 
         Args:
             pixel_values: (B, 3, S, S) images, or `image_features` (B, P, Dv) cached backbone outputs.
-            texts: B captions, or `text_features` (B, D) cached last-token states of a frozen LLM.
+            texts: B captions, or `text_features` (B, D) cached last-token states of a frozen LLM
+                (give the captions too when `model.text.input_words_weight` > 0).
             patch_keep: share of each image's patches the heads see (a random subset per image, as
                 FLIP masks patches: the pool's cost falls in proportion); 1: all of them.
         """
@@ -196,7 +197,7 @@ class LexVLA(nn.Module):
         if text_features is None and texts is not None:
             text_features = self.text.forward_features(list(texts))
         if text_features is not None:
-            activations = self.text.activations(text_features.to(self.device))  # (B, V)
+            activations = self.text.activations(text_features.to(self.device), texts)  # (B, V)
             out["text_activations"] = activations
             out["text_weights"] = F.normalize(activations, dim=-1)
         return out

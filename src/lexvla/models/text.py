@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,11 @@ class TextTower(nn.Module):
         lexical = lexical or LexicalConfig()
         if cfg.head not in HEADS:
             raise LexVLAError(f"model.text.head {cfg.head!r}: use one of {', '.join(HEADS)}")
+        if cfg.encoder == "bow" and cfg.input_words_weight > 0:
+            raise LexVLAError(
+                "model.text.input_words_weight adds the caption's words to the LLM's prediction; "
+                "encoder='bow' is those words alone: set it to 0"
+            )
         if cfg.encoder == "bow" and cfg.use_lora:
             raise LexVLAError("model.text.encoder='bow' runs no LLM: set model.text.use_lora=false")
         if CAPTION_SLOT not in cfg.prompt:
@@ -320,12 +326,23 @@ class TextTower(nn.Module):
         rows = torch.arange(B, device=device)
         return out.last_hidden_state[rows, (batch.last_index - K).to(device)]  # (B, D)
 
-    def activations(self, features: Tensor) -> Tensor:
-        """(B, D) features -> (B, V) text activations before L2 normalisation (`elu+1` of the
-        codebook logits; "bow": the bags themselves)."""
+    def activations(self, features: Tensor, captions: Sequence[str] | None = None) -> Tensor:
+        """(B, D) features -> (B, V) text activations before L2 normalisation: `elu+1` of the
+        codebook logits, plus `input_words_weight` on the words each caption writes ("bow": the bags
+        themselves). `captions` (the B captions of `features`) are needed when that weight is > 0."""
         if self.cfg.encoder == "bow":
             return features.float()
-        return lexical_activation(self.logits(features))
+        activations = lexical_activation(self.logits(features))  # (B, V)
+        weight = self.cfg.input_words_weight
+        if weight == 0:
+            return activations
+        if captions is None or len(captions) != activations.shape[0]:
+            raise LexVLAError(
+                f"model.text.input_words_weight={weight} adds each caption's own words: pass the "
+                f"{activations.shape[0]} captions of these features (got "
+                f"{'none' if captions is None else len(captions)})"
+            )
+        return activations + weight * self.bag_of_words(list(captions))
 
     def logits(self, features: Tensor) -> Tensor:
         """(B, D) last-position states -> (B, V) lexical logits (head, frozen codebook, affine)."""
@@ -335,9 +352,9 @@ class TextTower(nn.Module):
         logits = hidden @ self.codebook.t()  # (B, V)
         return self.affine(logits) if self.affine is not None else logits
 
-    def forward(self, features: Tensor) -> Tensor:
+    def forward(self, features: Tensor, captions: Sequence[str] | None = None) -> Tensor:
         """(B, D) features -> (B, V) L2-normalised text weights ("bow": (B, V) bags, normalised)."""
-        return F.normalize(self.activations(features), dim=-1)
+        return F.normalize(self.activations(features, captions), dim=-1)
 
 
 class TextHead(nn.Module):

@@ -388,12 +388,11 @@ def _model_inputs(t: Trainer, micro: Any) -> dict[str, Any]:
         inputs["image_features"] = t.image_cache.get(micro.pixels, compute)
     else:
         inputs["pixel_values"] = micro.pixels
+    inputs["texts"] = micro.captions  # with cached features: for `input_words_weight`
     if micro.text_features is not None:
         inputs["text_features"] = micro.text_features
     elif t.text_cache is not None:
         inputs["text_features"] = t.text_cache.get(micro.captions, t.model.text.forward_features)
-    else:
-        inputs["texts"] = micro.captions
     return inputs
 
 

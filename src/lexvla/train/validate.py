@@ -101,5 +101,5 @@ def encodings_from_tables(
         owners.extend([position] * (stop - start))
         captions.extend(holdout[index].captions)
     text_features = text_table.features[rows].to(model.device)
-    text_weights: Tensor = model.text(text_features).float().cpu()  # (N_t, V)
+    text_weights: Tensor = model.text(text_features, captions).float().cpu()  # (N_t, V)
     return Encodings(image_weights, text_weights, torch.tensor(owners)), captions
