@@ -128,7 +128,8 @@ def bench_prompt(model: LexVLA, batches: list[list[str]], repeats: int) -> dict[
     prefix_s = prefix_build_seconds(model, repeats)
     medians = {c: [statistics.median(t) for t in times[c]] for c in times}
     on, off = sum(medians[True]) + prefix_s, sum(medians[False])
-    weights = {c: model.text(torch.cat(f)) for c, f in features.items()}
+    captions = [c for b in batches for c in b]
+    weights = {c: model.text(torch.cat(f), captions) for c, f in features.items()}
     n = sum(len(b) for b in batches)
     return {
         "prefix_cache_on": {"total_s": on, "prefix_build_s": prefix_s, "captions_per_s": n / on,
