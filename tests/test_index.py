@@ -14,9 +14,9 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers.index import assert_same_topk, brute_force, no_fsync, random_csr
 from lexvla.errors import LexVLAError
 from lexvla.index import SparseIndex, export_jsonl
-from test_index_helpers import assert_same_topk, brute_force, no_fsync, random_csr
 
 V = 64
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.index import assert_same_topk, brute_force, no_fsync, random_csr
 from lexvla.errors import LexVLAError
 from lexvla.index import SparseIndex, build_index, init_shard_dir, write_shard
-from test_index_helpers import assert_same_topk, brute_force, no_fsync, random_csr
 
 V = 48
 VOCAB = [f"w{i}" for i in range(V)]

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.index import random_csr
 from lexvla.errors import LexVLAError
 from lexvla.index import EXPORT_FORMATS, SparseIndex, export_index, export_jsonl
-from test_index_helpers import random_csr
 
 V = 64
 VOCAB = [f"w{i}" for i in range(V - 3)] + ["café", "naïve", "日本"]  # non-ASCII words stay readable

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.index import random_csr
 from lexvla.errors import LexVLAError
 from lexvla.index import (
     LexicalIndex,
@@ -23,7 +24,6 @@ from lexvla.index import (
     read_shard_manifest,
     write_shard,
 )
-from test_index_helpers import random_csr
 
 pytest.importorskip(
     "pymilvus", reason="the milvus extra is not installed: pip install 'lexvla[milvus]'"
@@ -225,7 +225,7 @@ def test_build_milvus_refuses_another_vocabulary_before_writing(
 @pytest.fixture(scope="module")
 def tiny_corpus(server: str, tiny_model, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """The tiny model's corpus built twice: an embedded index and the Milvus collection 'tiny'."""
-    from test_search import build_tiny_index
+    from helpers.search import build_tiny_index
 
     shards, index = build_tiny_index(tiny_model, tmp_path_factory.mktemp("engine"), count=12)
     build_milvus_index(shards, server, collection="tiny").close()

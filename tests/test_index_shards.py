@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.index import no_fsync, random_csr
 from lexvla.errors import LexVLAError
 from lexvla.index import (
     init_shard_dir,
@@ -24,7 +25,6 @@ from lexvla.index import (
     vocab_hash,
     write_shard,
 )
-from test_index_helpers import no_fsync, random_csr
 
 VOCAB = [f"w{i}" for i in range(32)]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_search import brute_force, build_tiny_index, make_image
+from helpers.search import brute_force, build_tiny_index, make_image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

@@ -20,11 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers.training import optimizer_state, trained_tiny
 from lexvla import LexVLA
 from lexvla.errors import LexVLAError
 from lexvla.train import checkpoint as ckpt
-from lexvla.train.optim import create_optimizer, create_scheduler
-from lexvla.train.setup import experiment_config
 
 TRAIN = [sys.executable, "-m", "lexvla.train"]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -124,29 +123,6 @@ def test_two_process_fsdp_run_killed_at_a_random_step_resumes_to_the_same_weight
 
 
 # ------------------------------------------------------------------- the sharded layout, one process
-def trained_tiny(
-    steps: int = 2,
-) -> tuple[LexVLA, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """A `tiny` model, its AdamW and schedule after `steps` updates with random gradients."""
-    cfg = experiment_config("tiny", overrides=["train.steps=10"])
-    torch.manual_seed(0)
-    model = LexVLA(cfg.model)
-    optimizer = create_optimizer(model.trainable_parameters(), cfg.train)
-    scheduler = create_scheduler(optimizer, cfg.train)
-    for _ in range(steps):
-        for p in model.trainable_parameters().values():
-            p.grad = torch.randn_like(p)
-        optimizer.step()
-        scheduler.step()
-    return model, optimizer, scheduler
-
-
-def optimizer_state(model: LexVLA, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Copies of the optimiser state, named `<parameter>::<state key>`."""
-    return {f"{name}::{key}": value.clone() for name, p in model.trainable_parameters().items()
-            for key, value in optimizer.state.get(p, {}).items()}  # fmt: skip
-
-
 def test_sharded_checkpoint_resumes_to_the_saved_state(tmp_path):
     model, optimizer, scheduler = trained_tiny()
     folder = ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler, sharded=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_search import build_tiny_index
+from helpers.search import build_tiny_index
 
 CHROMIUM = Path(os.environ.get("LEXVLA_CHROMIUM", "/usr/bin/chromium"))
 LAUNCH_ARGS = [

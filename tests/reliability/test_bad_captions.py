@@ -16,9 +16,9 @@ import pytest
 import torch
 from bad_inputs import CAPTION_ZOO, EMPTY_CAPTIONS
 
+from helpers.search import make_image
 from lexvla.data import ImageTextDataset, ShardDataset, read_coco_captions, read_table
 from lexvla.errors import LexVLAError
-from test_search import make_image
 
 TEXT_CAPTIONS = [n for n in CAPTION_ZOO if n not in EMPTY_CAPTIONS]
 # A lone surrogate is replaced by "?" at every boundary: JSON, file names and the model API itself.
@@ -58,9 +58,9 @@ def served(tiny_model, tmp_path_factory):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
+    from helpers.search import build_tiny_index
     from lexvla.search import SearchEngine
     from lexvla.serve.app import create_app
-    from test_search import build_tiny_index
 
     _, index = build_tiny_index(tiny_model, tmp_path_factory.mktemp("serve"), count=6)
     engine = SearchEngine.open(index, tiny_model)

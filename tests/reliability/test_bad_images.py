@@ -159,9 +159,9 @@ def client(tiny_model, tmp_path_factory):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
+    from helpers.search import build_tiny_index
     from lexvla.search import SearchEngine
     from lexvla.serve.app import create_app
-    from test_search import build_tiny_index
 
     _, index = build_tiny_index(tiny_model, tmp_path_factory.mktemp("serve"), count=4)
     with TestClient(create_app(SearchEngine.open(index, tiny_model))) as test_client:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers.search import make_image
 from lexvla.config import ExperimentConfig, ModelConfig, apply_overrides, load_config, to_dict
 from lexvla.data import ShardDataset, create_dataset
 from lexvla.errors import LexVLAError
-from test_search import make_image
 
 DEEP = "[" * 100_000  # deeper than any JSON parser's recursion limit
 

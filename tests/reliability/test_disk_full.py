@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_crash_encode import ENCODE, assert_no_half_written_files, assert_same_shards, corpus
 
+from helpers.encode import ENCODE, assert_no_half_written_files, assert_same_shards, corpus
+from helpers.training import optimizer_state, trained_tiny
 from lexvla import LexVLA
 from lexvla._atomic import DiskFullError
 from lexvla.demo import report
@@ -38,7 +39,6 @@ from lexvla.train import checkpoint as ckpt
 from lexvla.train.features import FeatureTable, ImageFeatureCache
 from lexvla.train.loop import fit
 from lexvla.train.setup import experiment_config
-from test_train_sharded_resume import optimizer_state, trained_tiny
 
 __all__ = ["corpus"]  # a fixture used here
 

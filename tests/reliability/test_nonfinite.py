@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers.search import make_image
 from lexvla import create_model
 from lexvla.errors import LexVLAError
 from lexvla.models.checkpoint import load_model
@@ -24,7 +25,6 @@ from lexvla.train import checkpoint as ckpt
 from lexvla.train.optim import create_optimizer, create_scheduler
 from lexvla.train.runlog import strict_json
 from lexvla.train.setup import experiment_config
-from test_search import make_image
 
 
 def _poison(model, name: str = "vision.codebook", value: float = float("nan")) -> None:

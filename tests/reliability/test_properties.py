@@ -17,11 +17,11 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers.index import no_fsync
 from lexvla.config import ExperimentConfig, apply_overrides, from_dict, to_dict
 from lexvla.errors import LexVLAError
 from lexvla.index import SparseIndex, build_index, init_shard_dir, read_shard, write_shard
 from lexvla.index._csr import canonical_csr
-from test_index_helpers import no_fsync
 
 V = 12
 VOCAB = [f"w{i}" for i in range(V)]

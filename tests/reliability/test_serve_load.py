@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_search import build_tiny_index
+from helpers.search import build_tiny_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import serve_load  # noqa: E402

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
+from helpers.search import build_tiny_index
 from lexvla import create_model
 from lexvla.errors import LexVLAError
-from test_search import build_tiny_index
 
 pytest.importorskip("fastapi")
 

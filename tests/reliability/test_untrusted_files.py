@@ -21,11 +21,11 @@ import pytest
 import torch
 from bad_inputs import PickleBomb, pickle_payload
 
+from helpers.index import no_fsync
+from helpers.search import make_image
 from lexvla.errors import LexVLAError
 from lexvla.index import SparseIndex, build_index, init_shard_dir, iter_shards, write_shard
 from lexvla.index._generation import ARRAYS, BLOBS
-from test_index_helpers import no_fsync
-from test_search import make_image
 
 VOCAB = [f"w{i}" for i in range(16)]
 

@@ -1,6 +1,6 @@
 """Naive references and data makers shared by the index tests (dense brute force, no index code).
 
-No tests here: imported by the other test_index*.py files.
+Used by the test_index*.py files and some reliability tests.
 """
 
 from __future__ import annotations
