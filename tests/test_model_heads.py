@@ -114,4 +114,8 @@ def test_input_words_need_the_captions_of_cached_features():
     with pytest.raises(LexVLAError, match="input_words_weight=1.0.*pass the 2 captions"):
         model.text.activations(states)
     with pytest.raises(LexVLAError, match="encoder='bow'"):
-        _model("model.text.use_lora=false", "model.text.encoder=bow", "model.text.input_words_weight=1.0")
+        _model(
+            "model.text.use_lora=false",
+            "model.text.encoder=bow",
+            "model.text.input_words_weight=1.0",
+        )
