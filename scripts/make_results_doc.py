@@ -378,14 +378,19 @@ def recipe_targets(rec: Json) -> str:
     return table(["target", "goal", "measured", "verdict"], rows)
 
 
-def recipe_models(rec: Json) -> str:
+def recipe_models(rec: Json, before: Json | None = None) -> str:
+    """The recipe's models on val; `before`: the same recipe without the caption's own words."""
     rows = []
-    models = [("untrained", "untrained"), ("trained (recipe)", "trained")]
+    models = [("untrained", rec, "untrained"), ("trained (recipe)", rec, "trained")]
     if "compact" in rec:
         size = rec["compact"]["weights_bytes"] / 1e6
-        models.append((f"its compact form (`lexvla compact`, rank 64, {size:.1f} MB)", "compact"))
-    for name, key in models:
-        b, w = rec[key], rec[key]["words"]
+        models.append(
+            (f"its compact form (`lexvla compact`, rank 64, {size:.1f} MB)", rec, "compact")
+        )
+    if before is not None:
+        models.append(("the recipe without input words (previous default)", before, "trained"))
+    for name, source, key in models:
+        b, w = source[key], source[key]["words"]
         rows.append(
             [name]
             + [f"{_r(b, d, k):.1f}" for d in DIRECTIONS for k in (1, 5, 10)]
@@ -503,8 +508,11 @@ def tries_table(tries: Json) -> str:
 
 def penalty_comparison(results: Path) -> list[str]:
     """Experiment 1 on Flickr8k: the recipe (overuse) beside the same run with the FLOPs penalty."""
-    arms = [("overuse (the recipe)", results / "flickr8k_recipe.json")]
-    arms.append(("FLOPs", results / "flickr8k_flops.json"))
+    # The FLOPs arm was run before the recipe gained the caption's own words (text.input_words_weight):
+    # it is compared with the recipe as it was then.
+    before = results / "flickr8k_recipe_before_input_words.json"
+    arms = [("overuse (the recipe, no input words)", before)]
+    arms.append(("FLOPs (no input words)", results / "flickr8k_flops.json"))
     if not all(path.is_file() for _, path in arms):
         return []
     rows = []
@@ -535,6 +543,47 @@ def penalty_comparison(results: Path) -> list[str]:
     ]
 
 
+def _load_if_file(path: Path) -> Json | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def word_probe_section(results: Path, notes: dict[str, str]) -> list[str]:
+    """How far image words can go on these features: caption-word classifiers (issue13_word_probe)."""
+    probe = _load_if_file(results / "issue13_word_probe.json")
+    if probe is None:
+        return []
+    rows = []
+    for p in probe["probes"]:
+        curve = p.get("image_precision_by_epoch") or p["image_precision"]
+        unit = "epoch" if "image_precision_by_epoch" in p else "k"
+        best = max(curve, key=lambda key: curve[key])
+        rows.append(
+            [p["name"], f"{curve[best]:.1f} ({unit} {best})", f"{curve[max(curve, key=int)]:.1f}"]
+        )
+    rows.append(
+        [
+            "fixed answer (10 most frequent caption words)",
+            f"{probe['fixed_answer_precision']:.1f}",
+            "–",
+        ]
+    )
+    return [
+        "### How right can image words be on these features? (a ceiling probe)",
+        "",
+        table(
+            [
+                "caption-word classifier on the frozen DINOv2-S/14 patches",
+                "best precision@10 (%)",
+                "at the last epoch / largest k",
+            ],
+            rows,
+        ),  # fmt: skip
+        "",
+        notes.get("probe", ""),
+        "",
+    ]
+
+
 def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
     path = results / "flickr8k_recipe.json"
     if not path.is_file():
@@ -555,7 +604,7 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
         "",
         "### Retrieval and words",
         "",
-        recipe_models(rec),
+        recipe_models(rec, _load_if_file(results / "flickr8k_recipe_before_input_words.json")),
         "",
         "Words in the top-10 of more than 10% of the vectors (the overuse detector):",
         "",
@@ -576,6 +625,7 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
     parts += penalty_comparison(results)
     if notes.get("penalty"):
         parts += [notes["penalty"], ""]
+    parts += word_probe_section(results, notes)
     tries = results / "issue13_tries.json"
     if tries.is_file():
         parts += [
