@@ -72,7 +72,7 @@ def test_cached_equals_uncached_on_smollm2(small_offline_model, prompt):
     try:
         with torch.no_grad():
             cached, full = _both_paths(model, CAPTIONS)
-            cached_w, full_w = model.text(cached), model.text(full)
+            cached_w, full_w = model.text(cached, CAPTIONS), model.text(full, CAPTIONS)
     finally:
         model.text.cfg.prompt = original
         model.text._prefix_token_ids = None
