@@ -378,3 +378,22 @@ def test_a_retrained_model_cannot_add_to_an_older_models_corpus(fresh_tiny_model
     assert trained_weights_fingerprint(fresh_tiny_model) != before
     with pytest.raises(LexVLAError, match="holds vectors of model"):
         encode_corpus(fresh_tiny_model, tmp_path / "images", out, progress=False)
+
+
+def test_hit_words_merge_the_forms_of_one_word():
+    """A hit's contributions from "dog" and "dogs" are one row (summed, named by the larger form);
+    other words stay apart and the total is unchanged."""
+    from types import SimpleNamespace
+
+    from lexvla.search.engine import _hit_dict
+    from lexvla.vocab import LexicalVocabulary
+
+    words = ("dog", "dogs", "cat", "grass")
+    vocab = LexicalVocabulary(tuple(range(len(words))), words, "pieces", 10)
+    hit = SimpleNamespace(
+        doc=3, score=0.7, words=[("dog", 0.1), (1, 0.3), ("cat", 0.25), (3, 0.05)]
+    )
+    rows = _hit_dict(hit, vocab)["words"]
+    assert [r["word"] for r in rows] == ["dogs", "cat", "grass"]
+    assert [r["contribution"] for r in rows] == pytest.approx([0.4, 0.25, 0.05])
+    assert sum(r["contribution"] for r in rows) == pytest.approx(0.7)

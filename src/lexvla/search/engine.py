@@ -33,6 +33,7 @@ from lexvla.search.query import Query
 if TYPE_CHECKING:
     from lexvla.index import LexicalIndex
     from lexvla.models.lexvla import LexVLA
+    from lexvla.vocab import LexicalVocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class SearchEngine:
             raise LexVLAError(f"k must be >= 1, got {k}")
         indices, values = query.to_arrays()
         hits = self.index.search(indices, values, k, explain=explain)
-        return [_hit_dict(hit, self.vocab.words) for hit in hits]
+        return [_hit_dict(hit, self.vocab) for hit in hits]
 
     def explain(self, query: Query, doc: int, k: int = 10) -> dict[str, Any]:
         """Why `doc` scores what it does: the per-word products, the k largest plus the remainder.
@@ -309,12 +310,19 @@ def query_text(text: str) -> str:
     return utf8_text(text).strip()  # a JSON "\\ud800" escape is no text a tokenizer takes
 
 
-def _hit_dict(hit: Any, words: tuple[str, ...]) -> dict[str, Any]:
+def _hit_dict(hit: Any, vocab: LexicalVocabulary) -> dict[str, Any]:
+    """A hit as a dict; its per-word contributions merged over the forms of one word ("dog" and
+    "dogs" are one row, their products summed, named by the form that contributes most: a
+    vocabulary word, so it can steer a query)."""
     metadata = dict(getattr(hit, "metadata", None) or {})
-    contributions = [
-        {"word": w if isinstance(w, str) else words[int(w)], "contribution": float(c)}
-        for w, c in (getattr(hit, "words", None) or [])
-    ]
+    groups, _ = vocab.word_groups()
+    merged: dict[int, tuple[float, float, str]] = {}  # group -> (sum, largest part, its form)
+    for w, c in getattr(hit, "words", None) or []:
+        word = w if isinstance(w, str) else vocab.words[int(w)]
+        group = groups[vocab.index_of(word)]
+        total, top, name = merged.get(group, (0.0, float("-inf"), word))
+        merged[group] = (total + float(c), max(top, float(c)), word if float(c) > top else name)
+    contributions = [{"word": name, "contribution": total} for total, _, name in merged.values()]
     contributions.sort(key=lambda r: -r["contribution"])
     return {
         "doc": int(hit.doc),
