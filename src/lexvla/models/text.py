@@ -159,8 +159,8 @@ class TextTower(nn.Module):
         self._prefix_cache: list[tuple[Tensor, Tensor]] | None = None
         self._prefix_cache_key: tuple | None = None
         self._packable = cfg.encoder == "llm" and supports(self._decoder())
-        self._packed: PackedDecoder | None = None
-        self._packed_key: tuple | None = None
+        self._packed: dict[tuple, PackedDecoder] = {}  # (dtype, device) -> packed LLM weights
+        self._packed_key: tuple | None = None  # the LLM weights' versions the copies were made from
 
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's transformer blocks (the units FSDP shards)."""
@@ -229,13 +229,19 @@ class TextTower(nn.Module):
         return hidden[rows, (batch.last_index - K).to(device)]  # (B, D)
 
     def _packed_decoder(self) -> PackedDecoder:
-        """The packed copy of the LLM's weights, rebuilt when they or `inference_weights` change."""
+        """The packed copy of the LLM's weights for the current `inference_weights` dtype and device.
+
+        One copy is kept per dtype (a caller switching between paths, as bench/text_latency.py does,
+        does not repack 540 MB per call); all are dropped when the LLM's weights change."""
         dtype = packed_dtype(self.cfg.inference_weights, self.codebook.device)
-        key = (dtype, self.codebook.device, tuple(p._version for p in self.llm.parameters()))
-        if self._packed is None or self._packed_key != key:
-            self._packed = None  # free the old copy first
-            self._packed, self._packed_key = PackedDecoder(self._decoder(), dtype), key
-        return self._packed
+        versions = tuple(p._version for p in self.llm.parameters())
+        if self._packed_key != versions:
+            self._packed = {}  # free the old copies first
+            self._packed_key = versions
+        key = (dtype, self.codebook.device)
+        if key not in self._packed:
+            self._packed[key] = PackedDecoder(self._decoder(), dtype)
+        return self._packed[key]
 
     def _checkpointing(self) -> bool:
         """Whether the LLM's blocks recompute their activations in this forward (gradient
