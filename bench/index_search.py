@@ -1,4 +1,4 @@
-"""Benchmark: SparseIndex exact top-10 search vs scipy and sparse_dot_topn; build and open times.
+"""Benchmark: SparseIndex exact top-10 search vs scipy, sparse_dot_topn, Seismic and splade-index.
 
     .venv/bin/python bench/index_search.py             # 100k docs, 1,000 queries, V = 32,000
     .venv/bin/python bench/index_search.py --quick     # 10k docs, 200 queries: a smoke run
@@ -14,17 +14,36 @@ same weights. Methods, all returning the 10 best (id, score) of each query:
   default threads (all cores: each query's documents are split among threads) and with 1 thread, and
   `SparseIndex.search` (Hit objects with metadata, default threads) for reference;
 - sparse_dot_topn (2 threads): `sp_matmul_topn(Q, X, top_n=10, sort=True, n_threads=2)` on the batch;
-- lexvla batch: `SparseIndex.search_batch(..., num_threads=2)` (and 1 thread).
+- lexvla batch: `SparseIndex.search_batch(..., num_threads=2)` (and 1 thread);
+- Seismic (`pyseismic-lsr`, approximate; optional): a `SeismicIndex` built from the same CSR
+  (`SeismicDataset.add_documents_by_id`, then `build_from_dataset` with the default build settings,
+  2 threads), searched with k=10 at each (query_cut, heap_factor) of SEISMIC_SETTINGS, one query per
+  `search` call (single-threaded) and all at once with `batch_search(..., num_threads=2)`; reported
+  with its recall@10 against the exact (scipy) top-10;
+- splade-index (optional): exact, exhaustive term-at-a-time scoring in numba over a term-major CSC.
+  Its `SPLADE` class needs a sentence-transformers model to encode texts, so the bench gives it the
+  arrays `SPLADE.index` would store and calls the retrieval `SPLADE.retrieve` runs after encoding
+  (`_retrieve_numba_functional`), per query (1 thread) and for the batch (2 threads).
+
+A missing peer prints "skipped: <package> not installed (pip install <package>)" and the bench carries
+on. Both are in the `dev` extra; they install from wheels on Linux x86-64 / Python 3.11 and leave the
+pinned CPU torch alone (splade-index pulls sentence-transformers and scikit-learn, and imports torch).
+The goal line (`vs_seismic` in the JSON): lexvla's exact QPS over Seismic's at the cheapest setting
+whose recall@10 is >= 0.95, single-query and batched. Build times of all are in `build_times_s`
+(splade-index's and scipy's "build" is the term-major conversion of the document CSR).
 
 Timings are medians over `--repeats` passes over all queries, the methods interleaved round-robin so
 load from other processes on the (shared) machine hits them alike. Numba compilation happens in a
 warm-up on a tiny index before any timing; its duration is reported (`jit`). Results are checked against
-scipy (identical top-10 lists, score differences). Writes bench/results/index_search.json.
+scipy (identical top-10 lists, score differences); every method's recall@10 against it is reported.
+The machine is shared: the CPU other processes used during the run is recorded
+(`machine.contention.other_processes_cpu_cores`). Writes bench/results/index_search.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import subprocess
@@ -39,6 +58,7 @@ from numba import njit
 from sparse_dot_topn import sp_matmul_topn
 
 from _common import (
+    Contention,
     interleaved_times,
     machine_info,
     median,
@@ -56,6 +76,22 @@ from lexvla.index import _kernels as kernels  # noqa: E402
 
 K = 10
 THREADS = 2
+RECALL_GOAL = 0.95
+# Seismic's query-time knobs (query_cut: the query's largest weights kept; heap_factor: a block is
+# skipped when its summary's score is below the heap's k-th score / heap_factor), cheapest first.
+# Chosen from a sweep on these data (query_cut 3-80, heap_factor 0.7-1.0): heap_factor 1.0 was the
+# fastest at the same recall, query_cut sets the recall.
+SEISMIC_SETTINGS = [(3, 1.0), (5, 1.0), (10, 1.0), (20, 1.0)]
+SEISMIC_BUILD = {"n_postings": 3500, "summary_energy": 0.4, "centroid_fraction": 0.1}  # defaults
+
+
+def optional_peer(module: str, package: str) -> Any:
+    """The peer's module, or None (with a notice) when it is not installed: the bench carries on."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        print(f"skipped: {package} not installed (pip install {package})")
+        return None
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -198,9 +234,9 @@ def scipy_topk(q: sp.csr_matrix, term_major: sp.csr_matrix) -> np.ndarray:
     return idx[np.lexsort((idx, -data))]
 
 
-def make_methods(index: SparseIndex, docs: sp.csr_matrix, queries: sp.csr_matrix) -> dict[str, Any]:
-    term_major = docs.T.tocsr()  # (V, N)
-    term_major.sort_indices()
+def make_methods(
+    index: SparseIndex, term_major: sp.csr_matrix, queries: sp.csr_matrix
+) -> dict[str, Any]:
     rows = [queries[i] for i in range(queries.shape[0])]  # 1 x V CSR each, built before timing
     pairs = [(r.indices.astype(np.int32), r.data.astype(np.float32)) for r in rows]
     qp, qi, qv = queries.indptr, queries.indices, queries.data
@@ -215,6 +251,146 @@ def make_methods(index: SparseIndex, docs: sp.csr_matrix, queries: sp.csr_matrix
         "lexvla_batch_2t": lambda: index.search_batch(qp, qi, qv, K, num_threads=THREADS)[0],
         "lexvla_batch_1t": lambda: index.search_batch(qp, qi, qv, K, num_threads=1)[0],
     }
+
+
+def id_lists(name: str, out: Any) -> list[np.ndarray] | None:
+    """Each query's returned document ids, from a method's output (None: not comparable)."""
+    if name == "lexvla_single_hits":
+        return None
+    if name.startswith(("scipy", "lexvla_single")):
+        return [np.asarray(a) for a in out]
+    if name.startswith("lexvla_batch"):
+        return [r[r >= 0] for r in out]
+    if name.startswith("sparse_dot_topn"):
+        return [out.indices[out.indptr[i] : out.indptr[i + 1]] for i in range(out.shape[0])]
+    if name.startswith("seismic"):  # (query id, score, doc id) tuples; batch_search's lists come
+        by_query = {int(q[0][0]): q for q in out if q}  # in completion order, not query order
+        return [
+            np.array([int(h[2]) for h in by_query.get(i, [])], np.int64) for i in range(len(out))
+        ]
+    if name.startswith("splade_index"):
+        docs, scores = out
+        return [d[s > 0] for d, s in zip(docs, scores)]
+    raise KeyError(name)
+
+
+def recall_at_k(lists: list[np.ndarray], exact: list[np.ndarray]) -> float:
+    """Mean over queries of |returned top-k ∩ exact top-k| / |exact top-k|."""
+    return float(
+        np.mean([len(np.intersect1d(a, b)) / max(len(b), 1) for a, b in zip(lists, exact)])
+    )
+
+
+# ---------------------------------------------------------------------------------------- peers
+def seismic_methods(
+    seismic: Any, docs: sp.csr_matrix, queries: sp.csr_matrix
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Seismic (approximate): index built from the same CSR, searched at each SEISMIC_SETTINGS.
+
+    Integer components go in through `SeismicDataset.add_documents_by_id`; a query addresses
+    component 42 as the string "42" (the query arrays are made before any timing).
+    """
+
+    def build() -> Any:
+        dataset = seismic.SeismicDataset(dim=docs.shape[1])
+        dataset.add_documents_by_id(
+            [str(i) for i in range(docs.shape[0])],
+            docs.indices.astype(np.int64),
+            docs.data.astype(np.float32),
+            docs.indptr.astype(np.int64),
+        )
+        return seismic.SeismicIndex.build_from_dataset(
+            dataset, **SEISMIC_BUILD, num_threads=THREADS
+        )
+
+    build_s, index = timed(build)
+    string_type = seismic.get_seismic_string()
+    ids = np.array([str(i) for i in range(queries.shape[0])], dtype=string_type)
+    comps, vals = [], []
+    for i in range(queries.shape[0]):
+        row = queries[i]
+        comps.append(row.indices.astype(str).astype(string_type))
+        vals.append(row.data.astype(np.float32))
+    methods: dict[str, Any] = {}
+    for cut, hf in SEISMIC_SETTINGS:
+        tag = f"c{cut}_h{hf:g}"
+
+        def single(cut: int = cut, hf: float = hf) -> list[Any]:
+            return [
+                index.search(q, c, v, k=K, query_cut=cut, heap_factor=hf)
+                for q, c, v in zip(ids, comps, vals)
+            ]
+
+        def batch(cut: int = cut, hf: float = hf) -> list[Any]:
+            return index.batch_search(
+                ids, comps, vals, k=K, query_cut=cut, heap_factor=hf, num_threads=THREADS
+            )
+
+        methods[f"seismic_single_{tag}"] = single
+        methods[f"seismic_batch_2t_{tag}"] = batch
+    return methods, {"build_s": build_s, "nnz": index.nnz, "build_params": SEISMIC_BUILD}
+
+
+def splade_index_methods(
+    retrieve: Any, term_major: sp.csr_matrix, queries: sp.csr_matrix
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """splade-index (exact, exhaustive): its numba retrieval on the same term-major CSC arrays.
+
+    `SPLADE.index`/`retrieve` encode texts with a sentence-transformers model; without a model the
+    index is its `scores` dict (what `SPLADE.index` stores: term-major data/indices/indptr, float32
+    and int32) and retrieval is `_retrieve_numba_functional`, the function `retrieve` calls after
+    encoding the queries (backend "numba"): one call per query (1 thread) or one for the batch.
+    """
+
+    def build() -> dict[str, Any]:
+        return {
+            "data": term_major.data.astype(np.float32),
+            "indices": term_major.indices.astype(np.int32),
+            "indptr": term_major.indptr.astype(np.int32),
+            "num_docs": term_major.shape[1],
+        }
+
+    build_s, scores = timed(build)
+    ids = [queries[i].indices.astype(np.int32) for i in range(queries.shape[0])]
+    vals = [queries[i].data.astype(np.float32) for i in range(queries.shape[0])]
+    kw = {"k": K, "sorted": True, "return_as": "tuple", "show_progress": False}
+
+    def single() -> tuple[np.ndarray, np.ndarray]:
+        out = [retrieve([t], [w], scores, n_threads=1, **kw) for t, w in zip(ids, vals)]
+        return np.concatenate([d for d, _ in out]), np.concatenate([s for _, s in out])
+
+    retrieve(ids[:2], vals[:2], scores, n_threads=THREADS, **kw)  # numba compilation
+    retrieve(ids[:1], vals[:1], scores, n_threads=1, **kw)
+    return {
+        "splade_index_single": single,
+        "splade_index_batch_2t": lambda: retrieve(ids, vals, scores, n_threads=THREADS, **kw),
+    }, {"build_s": build_s}
+
+
+def peers_goal(qps: dict[str, float], recall: dict[str, float]) -> dict[str, Any] | None:
+    """lexvla exact vs Seismic at its cheapest setting with recall@10 >= RECALL_GOAL."""
+    out: dict[str, Any] = {}
+    for mode, seismic_prefix, ours in (
+        ("single", "seismic_single_", ("lexvla_single", "lexvla_single_1t")),
+        ("batch", "seismic_batch_2t_", ("lexvla_batch_2t", "lexvla_batch_1t")),
+    ):
+        ok = {
+            m: q
+            for m, q in qps.items()
+            if m.startswith(seismic_prefix) and recall[m] >= RECALL_GOAL
+        }
+        if not ok:
+            out[mode] = None
+            continue
+        best = max(ok, key=ok.get)
+        out[mode] = {
+            "seismic_method": best,
+            "seismic_recall_at_10": recall[best],
+            "seismic_qps": ok[best],
+            **{f"{m}_qps": qps[m] for m in ours},
+            **{f"ratio_{m}_vs_seismic": qps[m] / ok[best] for m in ours},
+        }
+    return out
 
 
 def agreement(
@@ -263,41 +439,87 @@ def index_docs_T(index: SparseIndex) -> sp.csc_matrix:  # noqa: N802
 
 
 # ------------------------------------------------------------------------------------------ main
-def run_variant(dist: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def recalls(methods: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """Recall@10 of every method against the exact (scipy) top-10, and how often its list is equal."""
+    exact = methods["scipy_single"]()
+    recall, equal = {}, {}
+    for name, fn in methods.items():
+        lists = id_lists(name, fn())
+        if lists is not None:
+            recall[name] = recall_at_k(lists, exact)
+            equal[name] = float(np.mean([np.array_equal(a, b) for a, b in zip(lists, exact)]))
+    return recall, equal
+
+
+def run_variant(
+    dist: str, args: argparse.Namespace, tmp: Path, peers: dict[str, Any]
+) -> dict[str, Any]:
     vocab = [f"w{i}" for i in range(args.vocab)]
     gen_s, docs = timed(lambda: make_vectors(args.docs, args.vocab, dist, seed=1))
     queries = make_vectors(args.queries, args.vocab, dist, seed=2)
     df = np.diff(docs.T.tocsr().indptr)
     index, build = bench_build(tmp / dist, vocab, docs)
     opened = bench_open(index.path, args.repeats)
-    methods = make_methods(index, docs, queries)
+
+    def term_major_csr() -> sp.csr_matrix:
+        tm = docs.T.tocsr()  # (V, N)
+        tm.sort_indices()
+        return tm
+
+    build_times = {"lexvla": build["build_s"]}
+    build_times["scipy_term_major"], term_major = timed(term_major_csr)
+    methods = make_methods(index, term_major, queries)
     checks = agreement(methods, index, queries)
+    peer_info: dict[str, Any] = {}
+    if peers.get("seismic") is not None:
+        extra, peer_info["seismic"] = seismic_methods(peers["seismic"], docs, queries)
+        build_times["seismic"] = peer_info["seismic"]["build_s"]
+        methods.update(extra)
+    if peers.get("splade_index") is not None:
+        extra, peer_info["splade_index"] = splade_index_methods(
+            peers["splade_index"], term_major, queries
+        )
+        build_times["splade_index"] = peer_info["splade_index"]["build_s"]
+        methods.update(extra)
+    recall, equal = recalls(methods)
     times, cpu = interleaved_times(methods, args.repeats)
     qps = {name: args.queries / median(t) for name, t in times.items()}
     cpu_qps = {name: args.queries / median(t) for name, t in cpu.items()}
+    goal = peers_goal(qps, recall) if "seismic" in peer_info else None
+    targets = {
+        "speedup_vs_scipy >= 10": qps["lexvla_single"] >= 10 * qps["scipy_single"],
+        "speedup_vs_scipy_1thread >= 10": qps["lexvla_single_1t"] >= 10 * qps["scipy_single"],
+        "batch >= sparse_dot_topn (2 threads)": qps["lexvla_batch_2t"] >= qps["sparse_dot_topn_2t"],
+        "build < 10 s": max(build["build_s"], build["build_from_shards_s"]) < 10,
+        "open < 1 s": opened["open_s"] < 1,
+    }
+    if goal is not None:
+        for mode, key in (("single", "lexvla_single"), ("batch", "lexvla_batch_2t")):
+            g = goal[mode]
+            targets[f"{key} > seismic {mode} (recall@10 >= {RECALL_GOAL})"] = (
+                None if g is None else g[f"ratio_{key}_vs_seismic"] > 1
+            )
     return {
         "data_generation_s": gen_s,
         "postings_per_query_mean": float(df[queries.indices].sum() / args.queries),
         "doc_nnz_mean": docs.nnz / args.docs,
         **build,
         **opened,
+        "build_times_s": build_times,
+        "peers": peer_info,
         "queries_per_s": qps,
         "queries_per_cpu_s": cpu_qps,
+        "recall_at_10": recall,
+        "top10_equals_exact": equal,
         "pass_times_s": times,
         "pass_cpu_times_s": cpu,
         "speedup_vs_scipy": qps["lexvla_single"] / qps["scipy_single"],
         "speedup_vs_scipy_1thread": qps["lexvla_single_1t"] / qps["scipy_single"],
         "speedup_vs_scipy_cpu_time": cpu_qps["lexvla_single"] / cpu_qps["scipy_single"],
         "speedup_vs_sparse_dot_topn": qps["lexvla_batch_2t"] / qps["sparse_dot_topn_2t"],
+        "vs_seismic": goal,
         "checks": checks,
-        "targets_met": {
-            "speedup_vs_scipy >= 10": qps["lexvla_single"] >= 10 * qps["scipy_single"],
-            "speedup_vs_scipy_1thread >= 10": qps["lexvla_single_1t"] >= 10 * qps["scipy_single"],
-            "batch >= sparse_dot_topn (2 threads)": qps["lexvla_batch_2t"]
-            >= qps["sparse_dot_topn_2t"],
-            "build < 10 s": max(build["build_s"], build["build_from_shards_s"]) < 10,
-            "open < 1 s": opened["open_s"] < 1,
-        },
+        "targets_met": targets,
     }
 
 
@@ -319,10 +541,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.docs, args.queries = 10_000, 200
+    contention = Contention()
+    peers = {"seismic": optional_peer("seismic", "pyseismic-lsr")}
+    retrieve = optional_peer("splade_index.numba.retrieve_utils", "splade-index")
+    peers["splade_index"] = retrieve and retrieve._retrieve_numba_functional
     report: dict[str, Any] = {
         "benchmark": "index_search",
         "machine": {**machine_info(), "numba_threads": kernels.get_num_threads()},
-        "versions": package_versions("numpy", "scipy", "numba", "llvmlite", "sparse_dot_topn"),
+        "versions": package_versions(
+            "numpy",
+            "scipy",
+            "numba",
+            "llvmlite",
+            "sparse_dot_topn",
+            "pyseismic-lsr",
+            "splade-index",
+        ),
         "inputs": {
             "docs": args.docs,
             "queries": args.queries,
@@ -334,15 +568,22 @@ def main() -> None:
             "weights": "lognormal(0, 1), L2-normalised, rounded to float16",
             "threads": THREADS,
             "single_query_threads": "default (numba's thread count)",
+            "seismic_settings": [{"query_cut": c, "heap_factor": h} for c, h in SEISMIC_SETTINGS],
+            "seismic_build": {**SEISMIC_BUILD, "num_threads": THREADS},
+            "recall_goal": RECALL_GOAL,
         },  # fmt: skip
     }
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
         report["jit"] = jit_warmup(Path(tmp))
         report["variants"] = {}
         for dist in args.variants:
-            report["variants"][dist] = run_variant(dist, args, Path(tmp))
+            report["variants"][dist] = run_variant(dist, args, Path(tmp), peers)
             shutil.rmtree(Path(tmp) / dist)
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    report["machine"]["shared"] = (
+        "the machine was shared with other jobs during the run: see other_processes_cpu_cores"
+    )
+    report["machine"]["contention"] = contention.report()
     write_json(args.out, report)
     print_report(report, args.out)
 
@@ -357,22 +598,41 @@ def print_report(report: dict[str, Any], out: Path) -> None:
                     "method": method,
                     "queries/s": qps,
                     "vs scipy": qps / v["queries_per_s"]["scipy_single"],
+                    "recall@10": v["recall_at_10"].get(method, ""),
                 }
             )
-    print_table(rows, ["variant", "method", "queries/s", "vs scipy"])
+    print_table(rows, ["variant", "method", "queries/s", "vs scipy", "recall@10"])
     print()
     keys = [
         "postings_per_query_mean", "build_s", "build_from_shards_s", "open_s", "open_no_verify_s", "index_bytes",
         "num_dense_terms", "speedup_vs_scipy", "speedup_vs_scipy_1thread", "speedup_vs_scipy_cpu_time",
         "speedup_vs_sparse_dot_topn",
     ]  # fmt: skip
-    print_table(
-        [{"key": k, **{d: float(v[k]) for d, v in report["variants"].items()}} for k in keys],
-        ["key", *report["variants"]],
-    )
+    table = [{"key": k, **{d: float(v[k]) for d, v in report["variants"].items()}} for k in keys]
+    for name in next(iter(report["variants"].values()))["build_times_s"]:
+        table.append(
+            {
+                "key": f"build_s[{name}]",
+                **{d: v["build_times_s"][name] for d, v in report["variants"].items()},
+            }
+        )
+    print_table(table, ["key", *report["variants"]])
     for dist, v in report["variants"].items():
         print(f"\n{dist}: checks {v['checks']}\n{dist}: targets {v['targets_met']}")
-    print(f"\njit warm-up: {report['jit']}\nwrote {out}")
+        for mode, g in (v["vs_seismic"] or {}).items():
+            if g is None:
+                print(f"{dist}: vs seismic ({mode}): no setting reached recall@10 >= {RECALL_GOAL}")
+                continue
+            ours = "lexvla_single" if mode == "single" else "lexvla_batch_2t"
+            ours_1t = "lexvla_single_1t" if mode == "single" else "lexvla_batch_1t"
+            print(
+                f"{dist}: vs seismic ({mode}): {ours} {g[f'{ours}_qps']:,.0f} q/s (exact) vs "
+                f"{g['seismic_method']} {g['seismic_qps']:,.0f} q/s (recall@10 "
+                f"{g['seismic_recall_at_10']:.3f}): x{g[f'ratio_{ours}_vs_seismic']:.2f}; "
+                f"{ours_1t} x{g[f'ratio_{ours_1t}_vs_seismic']:.2f}"
+            )
+    print(f"\nother processes' CPU: {report['machine']['contention']}")
+    print(f"jit warm-up: {report['jit']}\nwrote {out}")
 
 
 if __name__ == "__main__":
