@@ -26,7 +26,8 @@ same weights. Methods, all returning the 10 best (id, score) of each query:
   (`_retrieve_numba_functional`), per query (1 thread) and for the batch (2 threads).
 
 A missing peer prints "skipped: <package> not installed (pip install <package>)" and the bench carries
-on. Both are in the `bench` extra (`pip install -e .[bench]`, not needed by the tests); they install from wheels on Linux x86-64 / Python 3.11 and leave the
+on. Both are in the `bench` extra (`pip install -e .[bench]`, not needed by the tests); they install
+from wheels on Linux x86-64 / Python 3.11 and leave the
 pinned CPU torch alone (splade-index pulls sentence-transformers and scikit-learn, and imports torch).
 The goal line (`vs_seismic` in the JSON): lexvla's exact QPS over Seismic's at the cheapest setting
 whose recall@10 is >= 0.95, single-query and batched. Build times of all are in `build_times_s`
