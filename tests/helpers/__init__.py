@@ -8,4 +8,5 @@ here: pytest collects only test_*.py files.
 - `helpers.search`: synthetic images, the tiny encoded corpus and index, a brute-force ranking.
 - `helpers.encode`: the reference `encode_corpus` run (`corpus` fixture) and its shard checks.
 - `helpers.training`: a briefly trained `tiny` model and its optimiser state.
+- `helpers.bad_inputs`: the zoo of bad images and captions, a pickle bomb (reliability tests).
 """

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bad_inputs import CAPTION_ZOO, EMPTY_CAPTIONS
 
+from helpers.bad_inputs import CAPTION_ZOO, EMPTY_CAPTIONS
 from helpers.search import make_image
 from lexvla.data import ImageTextDataset, ShardDataset, read_coco_captions, read_table
 from lexvla.errors import LexVLAError

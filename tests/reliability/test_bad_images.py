@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_inputs import BAD_IMAGES, GOOD_IMAGES, IMAGE_ZOO, write_image_zoo
 from PIL import Image
 
+from helpers.bad_inputs import BAD_IMAGES, GOOD_IMAGES, IMAGE_ZOO, write_image_zoo
 from lexvla.data import ImageTextDataset, ShardDataset, read_table
 from lexvla.data.transforms import ImageProcessor, load_image
 from lexvla.errors import LexVLAError

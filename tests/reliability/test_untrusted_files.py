@@ -1,7 +1,7 @@
 """Untrusted files: a pickle payload planted in any file lexvla reads is refused (never unpickled), and
 names from archives or manifests cannot reach outside their directory.
 
-The payload (`bad_inputs.PickleBomb`) creates a marker directory when unpickled; every test checks the
+The payload (`helpers.bad_inputs.PickleBomb`) creates a marker directory when unpickled; every test checks the
 marker is absent. Where a checksum would refuse the planted file first, the test updates the
 checksum too, so the parser itself is what refuses it.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bad_inputs import PickleBomb, pickle_payload
 
+from helpers.bad_inputs import PickleBomb, pickle_payload
 from helpers.index import no_fsync
 from helpers.search import make_image
 from lexvla.errors import LexVLAError
