@@ -35,6 +35,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -322,6 +324,15 @@ def summarise(out: list[Outcome], elapsed: float, clients: int, stalled: int) ->
 
 
 # ------------------------------------------------------------------------------ the benchmark
+def demo_photos(folder: Path) -> list[Path]:
+    """The 80 COCO photos bundled with lexvla (resources/demo-coco), copied into `folder`."""
+    from importlib.resources import files
+
+    source = Path(str(files("lexvla") / "resources" / "demo-coco" / "train2017"))
+    shutil.copytree(source, folder)
+    return sorted(folder.glob("*.jpg"))
+
+
 def make_corpus(folder: Path, count: int) -> list[Path]:
     """`count` small PNG scenes (two colours and a shape), deterministic."""
     from PIL import Image, ImageDraw
@@ -413,6 +424,7 @@ def real_model_phases(args: argparse.Namespace, root: Path, engine: Any) -> dict
     from text_encoding import load_captions
 
     captions, source = load_captions(args.texts, args.captions_file)
+    torch.set_num_threads(args.threads)  # the expected answers with the server's thread count
     start = time.perf_counter()
     plans = text_plans(engine, captions)
     single_s = (time.perf_counter() - start) / len(captions)
@@ -467,7 +479,11 @@ def main() -> None:
     max_upload_mb = 1
     with tempfile.TemporaryDirectory(prefix="lexvla-serve-load-") as tmp:
         root = Path(tmp)
-        paths = make_corpus(root / "images", args.documents)
+        if real:  # real photos: generated scenes look alike to DINOv2, so their scores tie
+            paths = demo_photos(root / "images")
+            args.documents = len(paths)
+        else:
+            paths = make_corpus(root / "images", args.documents)
         encode_corpus(
             args.model, root / "images", root / "lex", progress=False, model_name=args.model
         )
