@@ -67,12 +67,11 @@ def test_shares_show_the_digits_they_need():
 
 
 def test_search_shares_merge_the_forms_of_a_word():
-    from types import SimpleNamespace
 
-    from lexvla.vocab import display_groups
+    from lexvla.vocab import LexicalVocabulary
 
     words = ("dog", "dogs", "##dog", "grass", "puppies")
-    vocab = SimpleNamespace(words=words, word_groups=lambda: display_groups(words))
+    vocab = LexicalVocabulary(tuple(range(len(words))), words, "pieces", 10)
     rows = [
         {"word": "dogs", "contribution": 0.01},
         {"word": "grass", "contribution": 0.015},

@@ -178,6 +178,22 @@ class LexicalVocabulary:
             object.__setattr__(self, "_groups_cache", cached)
         return cached
 
+    def merge_forms(self, parts: Iterable[tuple[str | int, float]]) -> list[tuple[str, str, float]]:
+        """Sum per-word values over the forms of one word (:meth:`word_groups`): `parts` are
+        (word or dimension, value) pairs; returns `(group word, heaviest form, total)` per word,
+        largest total first. The heaviest form is a vocabulary word (it can steer a query); the
+        group word is what a person reads ("dog" for "dog" + "dogs")."""
+        groups, labels = self.word_groups()
+        merged: dict[int, tuple[float, float, str]] = {}  # group -> (total, largest part, its form)
+        for word, value in parts:
+            form = word if isinstance(word, str) else self.words[int(word)]
+            group = groups[self.index_of(form)]
+            total, top, name = merged.get(group, (0.0, float("-inf"), form))
+            value = float(value)
+            merged[group] = (total + value, max(top, value), form if value > top else name)
+        rows = [(labels[g], name, total) for g, (total, _, name) in merged.items()]
+        return sorted(rows, key=lambda row: -row[2])
+
     def word_dims(self, word: str) -> list[int]:
         """The dimensions a written word stands for: every vocabulary word of its folded form
         ("dogs" -> "dog" and "dogs"); [] for a stop word, a one-letter word or an unknown word."""

@@ -391,17 +391,12 @@ def _index_and_search(run: DemoRun, model: Any, data: DemoData) -> Any:
 def _merged_shares(
     contributions: list[dict[str, Any]], score: float, vocab: Any
 ) -> list[dict[str, Any]]:
-    """A hit's per-dimension contributions with the forms of a word summed ("dog" + "dogs" -> dog,
-    `vocab.word_groups()`), largest first, each with its share of the score."""
-    groups, labels = vocab.word_groups()
-    label = {word: labels[g] for word, g in zip(vocab.words, groups)}
-    merged: dict[str, float] = {}
-    for row in contributions:
-        name = label.get(row["word"], row["word"])
-        merged[name] = merged.get(name, 0.0) + row["contribution"]
+    """A hit's contributions with the forms of a word summed and named as a person reads them
+    ("dog" + "dogs" -> dog, `vocab.merge_forms`), largest first, each with its share of the score."""
+    parts = [(row["word"], row["contribution"]) for row in contributions]
     return [
-        {"word": word, "contribution": value, "share": value / score if score > 0 else 0.0}
-        for word, value in sorted(merged.items(), key=lambda kv: -kv[1])
+        {"word": word, "contribution": total, "share": total / score if score > 0 else 0.0}
+        for word, _, total in vocab.merge_forms(parts)
     ]
 
 

@@ -315,15 +315,10 @@ def _hit_dict(hit: Any, vocab: LexicalVocabulary) -> dict[str, Any]:
     "dogs" are one row, their products summed, named by the form that contributes most: a
     vocabulary word, so it can steer a query)."""
     metadata = dict(getattr(hit, "metadata", None) or {})
-    groups, _ = vocab.word_groups()
-    merged: dict[int, tuple[float, float, str]] = {}  # group -> (sum, largest part, its form)
-    for w, c in getattr(hit, "words", None) or []:
-        word = w if isinstance(w, str) else vocab.words[int(w)]
-        group = groups[vocab.index_of(word)]
-        total, top, name = merged.get(group, (0.0, float("-inf"), word))
-        merged[group] = (total + float(c), max(top, float(c)), word if float(c) > top else name)
-    contributions = [{"word": name, "contribution": total} for total, _, name in merged.values()]
-    contributions.sort(key=lambda r: -r["contribution"])
+    contributions = [
+        {"word": form, "contribution": total}
+        for _, form, total in vocab.merge_forms(getattr(hit, "words", None) or [])
+    ]
     return {
         "doc": int(hit.doc),
         "key": str(getattr(hit, "key", None) or metadata.get("key", hit.doc)),
