@@ -342,6 +342,13 @@ def test_complete(engine):
     assert engine.complete("   ") == [] and engine.complete("zzzzq") == []
 
 
+def test_query_words_name_their_group(engine):
+    """Each query word carries the word its forms share, so "dog" and "dogs" show as one word."""
+    query = engine.query_from_words({"dogs": 2.0, "dog": 1.0, "cat": 0.5})
+    rows = {row["word"]: row["group"] for row in query.to_dict()["words"]}
+    assert rows == {"dogs": "dog", "dog": "dog", "cat": "cat"}
+
+
 def test_run_search_for_the_cli(engine, tiny_index):
     from lexvla.search import parse_word_values, run_search
 
@@ -355,7 +362,7 @@ def test_run_search_for_the_cli(engine, tiny_index):
         steered["results"][0]["score"], rel=1e-5
     )
     added = run_search(tiny_index[1], text="a dog", k=3, engine=engine, add=["cat=5"])
-    assert {"word": "cat", "weight": 5.0} in added["query"]["words"]
+    assert {"word": "cat", "weight": 5.0, "group": "cat"} in added["query"]["words"]
     assert parse_word_values(["dog=2", " cat = 0.5"], "--boost") == {"dog": 2.0, "cat": 0.5}
     for bad in (["dog"], ["dog=x"], ["=2"], ["dog=-1"], ["dog=inf"]):
         with pytest.raises(LexVLAError, match="WORD=NUMBER"):

@@ -88,10 +88,18 @@ class Query:
         return dense
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready: `{"source", "words": [{"word", "weight"}, ...]}`, heaviest first."""
+        """JSON-ready: `{"source", "words": [{"word", "weight", "group"}, ...]}`, heaviest first.
+
+        `group` names the word its forms share (`LexicalVocabulary.word_groups`: "dog" for "dog" and
+        "dogs"), so a reader can show and edit the forms of one word together.
+        """
+        groups, labels = self.vocab.word_groups()
         return {
             "source": self.source,
-            "words": [{"word": w, "weight": v} for w, v in self.words.items()],
+            "words": [
+                {"word": w, "weight": v, "group": labels[groups[self.vocab.index_of(w)]]}
+                for w, v in self.words.items()
+            ],
         }
 
     def copy(self) -> Query:

@@ -93,7 +93,7 @@ async function runSearch(request, pending, keepQuery = false) {
 
 // ------------------------------------------------------------------------------------- query words
 function setQuery(query) {
-  state.words = query.words.map((w) => ({ word: w.word, weight: w.weight, changed: false }));
+  state.words = query.words.map((w) => ({ word: w.word, weight: w.weight, group: w.group || w.word, changed: false }));
   state.original = state.words.map((w) => ({ ...w }));
   state.source = query.source;
   state.showAllWords = false;
@@ -113,10 +113,10 @@ function edited() {
 }
 
 function renderQuery() {
-  $("query-source").textContent = `${state.source} · ${state.words.length} words`;
+  const words = wordGroups();
+  $("query-source").textContent = `${state.source} · ${words.length} words`;
   const list = $("query-words");
   list.replaceChildren();
-  const words = [...state.words].sort((a, b) => b.weight - a.weight);
   const shown = state.showAllWords ? words : words.slice(0, QUERY_WORDS_SHOWN);
   for (const item of shown) list.append(chip(item));
   const more = $("more-words");
@@ -124,15 +124,39 @@ function renderQuery() {
   more.textContent = state.showAllWords ? "Show fewer words" : `Show all ${words.length} words`;
 }
 
-function chip(item) {
-  const change = (factor) => () => { item.weight *= factor; item.changed = true; edited(); };
-  const remove = () => { state.words = state.words.filter((w) => w !== item); edited(); };
-  return el("li", { class: "chip" + (item.changed ? " changed" : ""), "data-word": item.word },
-    el("span", { class: "word", text: item.word }),
-    el("span", { class: "weight", text: fmt(item.weight) }),
-    el("button", { type: "button", title: `weaker: ${item.word} × 0.5`, "aria-label": `lower ${item.word}`, onclick: change(0.5), text: "−" }),
-    el("button", { type: "button", title: `stronger: ${item.word} × 2`, "aria-label": `boost ${item.word}`, onclick: change(2), text: "+" }),
-    el("button", { type: "button", title: `remove ${item.word}`, "aria-label": `remove ${item.word}`, "data-action": "remove", onclick: remove, text: "×" }),
+// The forms of one word ("dog", "dogs") as one chip, named by its heaviest form (as the result
+// tags are) and weighted by their sum; editing the chip edits every form.
+function wordGroups() {
+  const groups = new Map();
+  for (const item of state.words) {
+    const group = groups.get(item.group) || { forms: [], weight: 0, changed: false };
+    group.forms.push(item);
+    group.weight += item.weight;
+    group.changed ||= item.changed;
+    groups.set(item.group, group);
+  }
+  for (const group of groups.values()) {
+    const heavier = (a, b) => b.weight > a.weight || (b.weight === a.weight && b.word === b.group);
+    group.word = group.forms.reduce((a, b) => (heavier(a, b) ? b : a)).word;
+  }
+  return [...groups.values()].sort((a, b) => b.weight - a.weight);
+}
+
+function chip(group) {
+  const word = group.word;
+  const change = (factor) => () => {
+    for (const form of group.forms) { form.weight *= factor; form.changed = true; }
+    edited();
+  };
+  const remove = () => { state.words = state.words.filter((w) => !group.forms.includes(w)); edited(); };
+  const forms = group.forms.length > 1
+    ? group.forms.map((f) => `${f.word} ${fmt(f.weight)}`).join(" + ") : word;
+  return el("li", { class: "chip" + (group.changed ? " changed" : ""), "data-word": word, title: forms },
+    el("span", { class: "word", text: word }),
+    el("span", { class: "weight", text: fmt(group.weight) }),
+    el("button", { type: "button", title: `weaker: ${word} × 0.5`, "aria-label": `lower ${word}`, onclick: change(0.5), text: "−" }),
+    el("button", { type: "button", title: `stronger: ${word} × 2`, "aria-label": `boost ${word}`, onclick: change(2), text: "+" }),
+    el("button", { type: "button", title: `remove ${word}`, "aria-label": `remove ${word}`, "data-action": "remove", onclick: remove, text: "×" }),
   );
 }
 
@@ -151,7 +175,7 @@ async function addWord(event) {
   const top = Math.max(0.05, ...state.words.map((w) => w.weight));
   const existing = state.words.find((w) => w.word === word);
   if (existing) { existing.weight = top; existing.changed = true; }
-  else state.words.push({ word, weight: top, changed: true });
+  else state.words.push({ word, weight: top, group: word, changed: true });
   $("add-word").value = "";
   say(`Added “${word}” with weight ${fmt(top)}. Search again to use it.`);
   edited();
