@@ -470,6 +470,13 @@ def encode_corpus_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     chunk_size: Annotated[int, typer.Option(help="Images per shard of a plain folder.")] = 1000,
     max_words: Annotated[int | None, typer.Option(help="Cap on words per image.")] = None,
+    image_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Backbone precision: float32 | bfloat16 | auto (bf16 where the CPU/GPU has it "
+            "natively; default: the model's model.vision.inference_dtype)."
+        ),
+    ] = None,
 ) -> None:
     """Encode an image collection into sparse lexical shards (resumable; parallel under torchrun).
 
@@ -486,6 +493,7 @@ def encode_corpus_command(
         chunk_size=chunk_size,
         max_words=max_words,
         model_name=model,
+        image_dtype=image_dtype,
     )
     console.print(
         report if isinstance(report, str) else {k: v for k, v in report.items() if k != "failed"}

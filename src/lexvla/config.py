@@ -61,6 +61,12 @@ class VisionConfig(_Checked):
     freeze: bool = True  # the paper keeps DINOv2 frozen
     adapter_heads: int = 0  # heads of the adapter block; 0: the backbone's own head count
     adapter_mlp_ratio: float = 4.0  # MLP width of the adapter block / backbone width
+    # Precision of the frozen backbone and the adapter when encoding images without gradients
+    # (`encode_image`, `encode-corpus`, search): "float32"; "bfloat16" (autocast: matmuls in bf16,
+    # norms and the lexical pool in float32; fast where bf16 is native: AVX512-BF16/AMX, recent GPUs;
+    # the top-256 words overlap float32's by ~99%: docs/performance.md); "auto": bfloat16 where
+    # native, else float32. Training (and its feature cache) always runs in the backbone's dtype.
+    inference_dtype: str = "float32"
 
 
 @dataclass
@@ -476,6 +482,7 @@ RANGES: dict[str, Range] = {
 INFERENCE_WEIGHTS = ("float32", "bfloat16", "auto", "transformers")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.text.inference_weights": INFERENCE_WEIGHTS,
+    "model.vision.inference_dtype": ("float32", "bfloat16", "auto"),
 }
 
 

@@ -40,16 +40,15 @@ def hit(name):
         seen[0] += 1
         if seen[0] == nth:
             os.kill(os.getpid(), signal.SIGKILL)
-real_replace, real_flush = os.replace, encode._flush
+real_replace, real_encode_batch = os.replace, encode._encode_batch
 def replace(src, dst):
     hit("before-replace")
     real_replace(src, dst)
     hit("after-replace")
-def flush(model, batch, *rest):
-    if batch:
-        hit("batch")
-    return real_flush(model, batch, *rest)
-os.replace, encode._flush = replace, flush
+def encode_batch(model, pixels, *rest):
+    hit("batch")
+    return real_encode_batch(model, pixels, *rest)
+os.replace, encode._encode_batch = replace, encode_batch
 encode.encode_corpus(create_model("tiny"), images, out, batch_size=3, chunk_size=5,
                      progress=False, model_name="tiny")
 """

@@ -8,6 +8,7 @@ backbones are referenced by hub name, local path or `offline:NAME`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -157,9 +158,10 @@ class LexVLA(nn.Module):
             features: precomputed backbone patch features (B, P, Dv).
             crop: centre-crop (True) or resize the whole image to the square input (PatchDis).
         """
-        if features is None:
-            features = self.encode_image_features(images, crop=crop)
-        image_weights, patch_weights = self.vision(features.to(self.device), return_patches)
+        with self.vision.inference_autocast(self.device):  # bf16 where configured (inference)
+            if features is None:
+                features = self.encode_image_features(images, crop=crop)
+            image_weights, patch_weights = self.vision(features.to(self.device), return_patches)
         return ImageEncoding(_finite(image_weights, "image"), patch_weights)
 
     def encode_text(self, texts: str | Sequence[str]) -> TextEncoding:
@@ -201,6 +203,13 @@ class LexVLA(nn.Module):
             out["text_activations"] = activations
             out["text_weights"] = F.normalize(activations, dim=-1)
         return out
+
+    def set_image_inference_dtype(self, name: str) -> None:
+        """Encode images in `name` precision from now on ("float32" | "bfloat16" | "auto": bf16 where
+        native; `model.vision.inference_dtype`). Training is not affected."""
+        vision = dataclasses.replace(self.cfg.vision, inference_dtype=name)  # checked: LexVLAError
+        self.cfg = dataclasses.replace(self.cfg, vision=vision)
+        self.vision.cfg = vision
 
     # ----------------------------------------------------------------------------------- sparsity
     def sparsify(self, weights: Tensor, *, mode: str | None = None, max_words: int = 0) -> Tensor:

@@ -5,6 +5,8 @@ Only this module (with text.py) imports the vision backbone classes of transform
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 from transformers import Dinov2Config, Dinov2Model
@@ -18,6 +20,7 @@ from lexvla.layers.lexical import (
     lexical_activation,
     lexical_max_pool,
     lexical_weights,
+    native_bf16_matmul,
 )
 from lexvla.models._quiet import quiet_loading
 
@@ -88,6 +91,16 @@ class VisionTower(nn.Module):
         """CLS plus register tokens that precede the patch tokens."""
         return 1 + int(getattr(self.backbone.config, "num_register_tokens", 0) or 0)
 
+    def inference_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """bf16 autocast for the backbone and adapter when encoding without gradients and
+        `vision.inference_dtype` asks for it ("bfloat16", or "auto" where bf16 is native on `device`);
+        otherwise a no-op. The lexical pool opts out (:meth:`pooled_logits` runs in float32)."""
+        name = self.cfg.inference_dtype
+        wanted = name == "bfloat16" or (name == "auto" and native_bf16_matmul(device))
+        if not wanted or torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
     def forward_features(self, pixel_values: Tensor) -> Tensor:
         """Backbone patch tokens (CLS and registers dropped): (B, 3, S, S) -> (B, P, Dv)."""
         dtype = next(self.backbone.parameters()).dtype
@@ -107,20 +120,24 @@ class VisionTower(nn.Module):
 
     def pooled_logits(self, hidden: Tensor) -> Tensor:
         """Max over patches of the patch logits: (B, P, D) -> (B, V) (the affine map is monotone, so
-        it is applied after the max)."""
-        pooled = lexical_max_pool(
-            hidden,
-            self.codebook_weight(),
-            impl=self.lexical.pooling,
-            chunk_size=self.lexical.pool_chunk_size,
-            search_dtype=self.lexical.pool_search_dtype,
-        )
-        return self.affine(pooled) if self.affine is not None else pooled
+        it is applied after the max). Outside any autocast: the pool picks its own search dtype."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            codebook = self.codebook_weight()  # (V, D)
+            pooled = lexical_max_pool(
+                hidden.to(codebook.dtype),
+                codebook,
+                impl=self.lexical.pooling,
+                chunk_size=self.lexical.pool_chunk_size,
+                search_dtype=self.lexical.pool_search_dtype,
+            )
+            return self.affine(pooled) if self.affine is not None else pooled
 
     def patch_logits(self, hidden: Tensor) -> Tensor:
         """Per-patch lexical logits: (B, P, D) -> (B, P, V). Memory: B·P·V floats."""
-        logits = hidden @ self.codebook_weight().t()
-        return self.affine(logits) if self.affine is not None else logits
+        with torch.autocast(hidden.device.type, enabled=False):
+            codebook = self.codebook_weight()  # (V, D)
+            logits = hidden.to(codebook.dtype) @ codebook.t()  # (B, P, V)
+            return self.affine(logits) if self.affine is not None else logits
 
     def activations(self, features: Tensor) -> Tensor:
         """Image activations before L2 normalisation, `elu+1` of the pooled logits: (B, P, Dv) -> (B, V)."""

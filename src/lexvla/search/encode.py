@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ import torch
 from lexvla._atomic import atomic_write_text
 from lexvla._fingerprint import weights_fingerprint
 from lexvla._launch import launcher_env
+from lexvla.data.prefetch import prefetched
 from lexvla.data.transforms import load_image
 from lexvla.errors import LexVLAError
 from lexvla.search.corpus import CorpusShard, folder_key, iter_items, list_shards
@@ -78,6 +80,7 @@ def encode_corpus(
     progress: bool = True,
     max_words: int | None = None,
     model_name: str | None = None,
+    image_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Encode a corpus of images into sparse lexical shard files (idempotent, resumable).
 
@@ -94,6 +97,8 @@ def encode_corpus(
         progress: show a progress bar with images/s.
         max_words: cap on words per image (default `model.cfg.lexical.index_max_words`).
         model_name: how the index should name the model (default: `model` when it is a string).
+        image_dtype: the backbone's precision, "float32" | "bfloat16" | "auto" (bf16 where native);
+            default: the model's `model.vision.inference_dtype`.
 
     Returns:
         The encode report (also written to `out_dir/encode_report[-rank<r>].json`): shards encoded and
@@ -108,6 +113,8 @@ def encode_corpus(
         model = create_model(model)
     if batch_size < 1:
         raise LexVLAError(f"batch_size must be >= 1, got {batch_size}")
+    if image_dtype is not None:
+        model.set_image_inference_dtype(image_dtype)
     rank, world_size = resolve_rank(rank, world_size)
     cap = model.cfg.lexical.index_max_words if max_words is None else max_words
     out_dir = Path(out_dir)
@@ -152,12 +159,34 @@ def encode_corpus(
 def _encode_shard(
     model: LexVLA, shard: CorpusShard, out_dir: Path, batch_size: int, cap: int, bar: Any
 ) -> tuple[int, list[dict[str, str]]]:
-    """Encode one shard and write it; returns (images encoded, failures)."""
+    """Encode one shard and write it; returns (images encoded, failures). The next batch is decoded
+    and preprocessed in a background thread while the model encodes the current one."""
     from lexvla.index import shards as shard_files
 
     failures: list[dict[str, str]] = []
     metadata: list[dict[str, object]] = []
     rows: list[tuple[np.ndarray, np.ndarray]] = []
+    for batch_meta, pixels in prefetched(_decoded_batches(model, shard, batch_size, failures)):
+        rows.extend(_encode_batch(model, pixels, cap))
+        metadata.extend(batch_meta)
+        bar.update(len(batch_meta))
+    # The failure list first, the shard last: the shard file is what marks the shard as done.
+    _write_json(out_dir / FAILED_DIR / f"{shard.name}.json", failures)
+    lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = np.concatenate([ids for ids, _ in rows] or [np.zeros(0)]).astype(np.int32)
+    values = np.concatenate([v for _, v in rows] or [np.zeros(0)]).astype(np.float16)
+    shard_files.write_shard(out_dir, shard.name, indptr, indices, values, metadata)
+    if failures:
+        logger.warning("%s: %d images could not be decoded (skipped)", shard.name, len(failures))
+    return len(metadata), failures
+
+
+def _decoded_batches(
+    model: LexVLA, shard: CorpusShard, batch_size: int, failures: list[dict[str, str]]
+) -> Iterator[tuple[list[dict[str, object]], torch.Tensor]]:
+    """(metadata, (B, 3, S, S) pixels) per `batch_size` decodable images of `shard`; an image that
+    cannot be decoded is appended to `failures` and skipped."""
     batch: list[tuple[dict[str, object], Any]] = []
     for item in iter_items(shard):
         source = str(item.metadata.get("path") or item.metadata.get("tar"))
@@ -172,43 +201,23 @@ def _encode_shard(
             )
             continue
         if len(batch) == batch_size:
-            _flush(model, batch, cap, metadata, rows, bar)
-    _flush(model, batch, cap, metadata, rows, bar)
-    # The failure list first, the shard last: the shard file is what marks the shard as done.
-    _write_json(out_dir / FAILED_DIR / f"{shard.name}.json", failures)
-    lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
-    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    indices = np.concatenate([ids for ids, _ in rows] or [np.zeros(0)]).astype(np.int32)
-    values = np.concatenate([v for _, v in rows] or [np.zeros(0)]).astype(np.float16)
-    shard_files.write_shard(out_dir, shard.name, indptr, indices, values, metadata)
-    if failures:
-        logger.warning("%s: %d images could not be decoded (skipped)", shard.name, len(failures))
-    return len(metadata), failures
+            yield [meta for meta, _ in batch], model.preprocess([image for _, image in batch])
+            batch = []
+    if batch:
+        yield [meta for meta, _ in batch], model.preprocess([image for _, image in batch])
 
 
-def _flush(
-    model: LexVLA,
-    batch: list[tuple[dict[str, object], Any]],
-    cap: int,
-    metadata: list[dict[str, object]],
-    rows: list[tuple[np.ndarray, np.ndarray]],
-    bar: Any,
-) -> None:
-    """Encode a batch of decoded images; append their sparse rows and metadata; empty the batch."""
-    if not batch:
-        return
+def _encode_batch(
+    model: LexVLA, pixels: torch.Tensor, cap: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(word ids, weights) of each image of a (B, 3, S, S) batch, at most `cap` words each."""
     with torch.no_grad():
-        weights = model.encode_image([image for _, image in batch]).image_weights  # (B, V)
+        weights = model.encode_image(pixels).image_weights  # (B, V)
         sparse = model.to_sparse(weights.float(), max_words=cap)
     indptr = sparse.indptr.cpu().numpy()
     indices = sparse.indices.cpu().numpy()
     values = sparse.values.float().cpu().numpy()
-    for row, (meta, _) in enumerate(batch):
-        lo, hi = indptr[row], indptr[row + 1]
-        rows.append((indices[lo:hi], values[lo:hi]))
-        metadata.append(meta)
-    bar.update(len(batch))
-    batch.clear()
+    return [(indices[lo:hi], values[lo:hi]) for lo, hi in zip(indptr[:-1], indptr[1:])]
 
 
 def clean_error(err: Exception, name: str) -> str:
