@@ -33,7 +33,6 @@ from lexvla import LexVLA
 from lexvla._atomic import DiskFullError
 from lexvla.demo import report
 from lexvla.index import SparseIndex, _commit, build_index, shards
-from lexvla.models.checkpoint import save_model
 from lexvla.search import encode_corpus
 from lexvla.train import checkpoint as ckpt
 from lexvla.train.features import FeatureTable, ImageFeatureCache
@@ -140,17 +139,17 @@ def test_checkpoint_on_a_full_disk(disk: Path, sharded: bool, leave: int) -> Non
 
 def test_replacing_a_model_folder_on_a_full_disk_keeps_the_old_one(disk: Path) -> None:
     model, optimizer, scheduler = trained_tiny(steps=1)
-    save_model(model, disk / "model")
+    model.save_pretrained(disk / "model")
     old = {k: v.detach().clone() for k, v in model.trainable_parameters().items()}
     _update(model, optimizer, scheduler)
     ballast = Ballast(disk, leave=300_000)
     with pytest.raises(DiskFullError, match=full_disk_message(disk, disk / "model")):
-        save_model(model, disk / "model")
+        model.save_pretrained(disk / "model")
     loaded = LexVLA.from_pretrained(disk / "model").trainable_parameters()
     assert all(torch.equal(loaded[k], v) for k, v in old.items())
     assert temporary_files(disk) == []
     ballast.free()
-    save_model(model, disk / "model")
+    model.save_pretrained(disk / "model")
     loaded = LexVLA.from_pretrained(disk / "model").trainable_parameters()
     assert all(torch.equal(loaded[k], v) for k, v in model.trainable_parameters().items())
 
