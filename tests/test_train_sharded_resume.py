@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from helpers.training import optimizer_state, trained_tiny
 from lexvla import LexVLA
 from lexvla.errors import LexVLAError
-from lexvla.train import checkpoint as ckpt
+from lexvla.train import state as ckpt
 
 TRAIN = [sys.executable, "-m", "lexvla.train"]
 TORCHRUN = Path(sys.executable).parent / "torchrun"

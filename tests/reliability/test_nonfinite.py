@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from helpers.search import make_image
 from lexvla import LexVLA, create_model
 from lexvla.errors import LexVLAError
-from lexvla.train import checkpoint as ckpt
+from lexvla.train import state as ckpt
 from lexvla.train.optim import create_optimizer, create_scheduler
 from lexvla.train.runlog import strict_json
 from lexvla.train.setup import experiment_config

@@ -79,8 +79,8 @@ def test_torch_save_file_posing_as_safetensors_is_refused(fresh_tiny_model, tmp_
 @pytest.mark.parametrize("name", ["optimizer.safetensors", "trainer_state.json"])
 def test_training_checkpoint_refuses_a_pickle(fresh_tiny_model, tmp_path, marker, name):
     from lexvla.presets import get_preset
-    from lexvla.train.checkpoint import load_latest, save_checkpoint
     from lexvla.train.optim import create_optimizer, create_scheduler
+    from lexvla.train.state import load_latest, save_checkpoint
 
     cfg = get_preset("tiny").train
     params = fresh_tiny_model.trainable_parameters()

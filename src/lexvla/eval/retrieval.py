@@ -35,7 +35,7 @@ from lexvla._atomic import atomic_file
 from lexvla.config import RECALL_KS
 from lexvla.errors import LexVLAError
 from lexvla.eval.metrics import retrieval_recall
-from lexvla.eval.report import format_table, model_fingerprint
+from lexvla.eval.results import format_table, model_fingerprint
 from lexvla.layers.lexical import default_threshold, sparsify_threshold, sparsify_topk
 
 logger = logging.getLogger(__name__)
@@ -478,7 +478,7 @@ def run_retrieval(
     those of :func:`load_captioned_data` and :func:`evaluate_retrieval`. Print the result with
     :func:`retrieval_table`.
     """
-    from lexvla.eval.report import model_info, write_report
+    from lexvla.eval.results import model_info, write_report
 
     model, ref = resolve_model(model)
     dataset, data_info = load_captioned_data(data, images=images, split=split, holdout=holdout)

@@ -80,7 +80,7 @@ def create_model(
 
 def model_config_of(name_or_path: str | Path) -> ModelConfig:
     """The ModelConfig of a preset or checkpoint, without building the model."""
-    from lexvla.models.checkpoint import read_checkpoint_config
+    from lexvla.models.serialization import read_checkpoint_config
 
     name = str(name_or_path)
     if name in list_presets():

@@ -23,7 +23,7 @@ from lexvla.config import ModelConfig
 from lexvla.data.transforms import ImageProcessor
 from lexvla.errors import LexVLAError
 from lexvla.layers.lexical import SparseLexical, sparsify, to_sparse
-from lexvla.models.checkpoint import (
+from lexvla.models.serialization import (
     WEIGHTS,
     CheckpointFiles,
     check_vocab,

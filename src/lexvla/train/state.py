@@ -40,7 +40,8 @@ from lexvla._atomic import (
     is_disk_full,
 )
 from lexvla.errors import LexVLAError
-from lexvla.models.checkpoint import (
+from lexvla.models.lexvla import LexVLA
+from lexvla.models.serialization import (
     DIVERGED_FIX,
     NONFINITE_FILE_FIX,
     WEIGHTS,
@@ -48,7 +49,6 @@ from lexvla.models.checkpoint import (
     require_finite,
     write_checkpoint_files,
 )
-from lexvla.models.lexvla import LexVLA
 from lexvla.train.distributed import any_rank, barrier
 
 logger = logging.getLogger(__name__)
