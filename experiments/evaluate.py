@@ -28,8 +28,8 @@ from lexvla.eval.sparsity import sparsity_curve_from_encodings
 from lexvla.interpret.lexicon import merge_pieces
 from lexvla.layers.lexical import default_threshold
 from lexvla.models.lexvla import LexVLA
-from lexvla.train.checkpoint import feature_cache_root
 from lexvla.train.features import ImageFeatureCache, TextFeatureCache, module_fingerprint
+from lexvla.train.state import feature_cache_root
 
 # Operating points of the sparsity curve: the model's threshold, the whole vocabulary, top-k down to 32.
 CURVE_POINTS: tuple[str | int, ...] = (

@@ -36,8 +36,8 @@ from lexvla.models.factory import create_model  # noqa: E402
 from lexvla.models.lexvla import LexVLA  # noqa: E402
 from lexvla.train.baseline import dense_retrieval, fit_dense_baseline  # noqa: E402
 from lexvla.train.batches import BatchSource  # noqa: E402
-from lexvla.train.checkpoint import feature_cache_root  # noqa: E402
 from lexvla.train.features import image_feature_table, text_feature_table  # noqa: E402
+from lexvla.train.state import feature_cache_root  # noqa: E402
 from lexvla.train.validate import (  # noqa: E402
     encodings_from_tables,
     validate,

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from lexvla.demo import pipeline, report
+from lexvla.demo import pipeline, run_report
 from lexvla.models import bundled
 
 
@@ -58,9 +58,9 @@ def test_demo_writes_a_report_with_figures(tmp_path, coco_mini, small_offline_mo
 
 # ------------------------------------------------------------------------------ the parts, fast
 def test_shares_show_the_digits_they_need():
-    assert report.share_text(0.4213) == "42%" and report.share_text(0.0734) == "7.3%"
-    assert report.share_text(0.0042) == "0.42%" and report.share_text(1e-7) == "<0.01%"
-    assert report.share_text(0.0) == "0%"
+    assert run_report.share_text(0.4213) == "42%" and run_report.share_text(0.0734) == "7.3%"
+    assert run_report.share_text(0.0042) == "0.42%" and run_report.share_text(1e-7) == "<0.01%"
+    assert run_report.share_text(0.0) == "0%"
     shown = pipeline._word_shares([("dog", 0.02), ("grass", 0.0005), ("sky", 1e-9)], 0.1)
     assert shown == "dog 20%, grass 0.50%, sky <0.01%"
     assert pipeline._word_shares([("dog", 0.0)], 0.0) == "dog"
@@ -122,7 +122,7 @@ def test_without_the_bundled_head_the_brief_model_stands_in_and_says_so(monkeypa
     ]
     run.results["total_seconds"] = 1.0
     run.out_dir.mkdir()
-    html = report.write(run).read_text()
+    html = run_report.write(run).read_text()
     assert "bundled Flickr8k head is missing" in html and "briefly trained model" in html
 
 
@@ -185,7 +185,7 @@ def test_report_sets_the_three_models_side_by_side(tmp_path):
         ],
         "total_seconds": 99.0,
     }
-    html = report.write(run).read_text()
+    html = run_report.write(run).read_text()
     for label in ("untrained heads", "briefly trained (this run)", "Flickr8k head (bundled)"):
         assert html.count(label) >= 2, label  # a row in retrieval and in word quality
     assert "one fixed answer (calibration)" in html and "kitchen 50%" in html

@@ -14,7 +14,7 @@ from torch import nn
 
 from lexvla.errors import LexVLAError
 from lexvla.eval import retrieval as R
-from lexvla.eval.report import build_report, model_fingerprint, write_report
+from lexvla.eval.results import build_report, model_fingerprint, write_report
 
 
 def _naive_recall(scores: list[list[float]], owner: list[int], ks) -> dict[str, float]:

@@ -121,13 +121,13 @@ def test_save_and_load_reproduce_outputs_bit_for_bit(tmp_path, fresh_tiny_model)
 def test_checkpoint_of_another_architecture_is_refused(tmp_path, fresh_tiny_model):
     path = fresh_tiny_model.save_pretrained(tmp_path / "ckpt")
     other = create_model("tiny", overrides=["vision.adapter_mlp_ratio=2.0"])
-    from lexvla.models.checkpoint import load_trained_weights
+    from lexvla.models.serialization import load_trained_weights
 
     with pytest.raises(LexVLAError, match="shape"):
-        load_trained_weights(other, path / "model.safetensors")
+        load_trained_weights(other.trainable_parameters(), path / "model.safetensors")
     no_lora = create_model("tiny", overrides=["text.use_lora=false"])
     with pytest.raises(LexVLAError, match="another architecture"):
-        load_trained_weights(no_lora, path / "model.safetensors")
+        load_trained_weights(no_lora.trainable_parameters(), path / "model.safetensors")
     (path / "model.safetensors").write_bytes(b"\x80\x04garbage pickle")
     with pytest.raises(LexVLAError, match="safetensors"):
         LexVLA.from_pretrained(path)

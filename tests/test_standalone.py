@@ -309,7 +309,7 @@ def test_find_coco_mini_prefers_shared_then_the_bundled_set(tmp_path, monkeypatc
 def test_demo_data_step_uses_the_bundled_set_without_shared(tmp_path, monkeypatch):
     from rich.console import Console
 
-    from lexvla.demo import pipeline, report
+    from lexvla.demo import pipeline, run_report
 
     monkeypatch.setattr(pipeline, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -323,7 +323,7 @@ def test_demo_data_step_uses_the_bundled_set_without_shared(tmp_path, monkeypatc
     assert run.results["data"]["source"] == "demo-coco"
     shown = console.export_text()
     assert "demo-coco" in shown and "bundled" in shown
-    assert "bundled with lexvla" in report._data_line(run.results["data"])
+    assert "bundled with lexvla" in run_report._data_line(run.results["data"])
 
 
 # ------------------------------------------------------------------------------ a plain clone

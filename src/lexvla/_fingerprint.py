@@ -4,7 +4,7 @@ Two strengths, both 16 hex digits of a sha256:
 
 - cheap (default): per tensor its name, shape, sum and the sum of a strided sample (one pass, about
   0.1 s for 160M weights). Any training step changes it; it keys the frozen-feature caches
-  (`train.features.module_fingerprint`) and the evaluation encodings (`eval.report.model_fingerprint`).
+  (`train.features.module_fingerprint`) and the evaluation encodings (`eval.results.model_fingerprint`).
 - exact: per tensor its name and float32 bytes, so a change of one weight changes it. Corpus folders
   record it for the trained tensors (`search.encode.trained_weights_fingerprint`): vectors of an older
   model are never mixed in.

@@ -139,7 +139,8 @@ class LexicalConfig(_Checked):
     # bf16 matmuls are native: CPUs with AVX512-BF16/AMX, recent GPUs; the chosen patch's value is
     # recomputed in float32, only near-ties may pick another patch); "auto": bf16 where native.
     pool_search_dtype: str = "float32"
-    # Inference sparsification: "threshold" (1/sqrt(V) unless `threshold` > 0), "topk" or "none".
+    # Inference sparsification (SPARSIFY_MODES): "threshold" (1/sqrt(V) unless `threshold` > 0), "topk"
+    # or "none"; `lexvla eval --sparsify` takes "threshold", "none" (or "dense") or a top-k's number.
     sparsify: str = "threshold"
     threshold: float = 0.0  # threshold of "threshold" mode; 0: the paper's 1/sqrt(V)
     top_k: int = 512  # k of "topk" mode (512 matches CLIP's width)
@@ -477,6 +478,11 @@ RANGES: dict[str, Range] = {
     "eval.recall_ks": AT_LEAST_1,
 }
 
+
+# The library's one vocabulary of sparsification (`model.lexical.sparsify`, `LexVLA.sparsify(mode=)`).
+# Evaluation operating points take the same words plus a top-k as its number, and write "none" as
+# "dense" in their results: `lexvla.eval.retrieval.parse_operating_point` is that one mapping.
+SPARSIFY_MODES = ("threshold", "topk", "none")
 
 # String fields that take one of a few values (checked like RANGES, whenever a config is built).
 INFERENCE_WEIGHTS = ("float32", "bfloat16", "auto", "transformers")

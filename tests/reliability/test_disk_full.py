@@ -31,11 +31,10 @@ from helpers.encode import ENCODE, assert_no_half_written_files, assert_same_sha
 from helpers.training import optimizer_state, trained_tiny
 from lexvla import LexVLA
 from lexvla._atomic import DiskFullError
-from lexvla.demo import report
+from lexvla.demo import run_report
 from lexvla.index import SparseIndex, _commit, build_index, shards
-from lexvla.models.checkpoint import save_model
 from lexvla.search import encode_corpus
-from lexvla.train import checkpoint as ckpt
+from lexvla.train import state as ckpt
 from lexvla.train.features import FeatureTable, ImageFeatureCache
 from lexvla.train.loop import fit
 from lexvla.train.setup import experiment_config
@@ -140,17 +139,17 @@ def test_checkpoint_on_a_full_disk(disk: Path, sharded: bool, leave: int) -> Non
 
 def test_replacing_a_model_folder_on_a_full_disk_keeps_the_old_one(disk: Path) -> None:
     model, optimizer, scheduler = trained_tiny(steps=1)
-    save_model(model, disk / "model")
+    model.save_pretrained(disk / "model")
     old = {k: v.detach().clone() for k, v in model.trainable_parameters().items()}
     _update(model, optimizer, scheduler)
     ballast = Ballast(disk, leave=300_000)
     with pytest.raises(DiskFullError, match=full_disk_message(disk, disk / "model")):
-        save_model(model, disk / "model")
+        model.save_pretrained(disk / "model")
     loaded = LexVLA.from_pretrained(disk / "model").trainable_parameters()
     assert all(torch.equal(loaded[k], v) for k, v in old.items())
     assert temporary_files(disk) == []
     ballast.free()
-    save_model(model, disk / "model")
+    model.save_pretrained(disk / "model")
     loaded = LexVLA.from_pretrained(disk / "model").trainable_parameters()
     assert all(torch.equal(loaded[k], v) for k, v in model.trainable_parameters().items())
 
@@ -400,16 +399,16 @@ def _demo_run(out_dir: Path, loss: float) -> SimpleNamespace:
 def test_demo_report_on_a_full_disk_keeps_the_previous_report(disk: Path, tmp_path: Path) -> None:
     out = disk / "demo"
     out.mkdir()
-    report.write(_demo_run(out, 1.5))
+    run_report.write(_demo_run(out, 1.5))
     before = {name: (out / name).read_bytes() for name in ("report.json", "report.html")}
     ballast = Ballast(disk, leave=0)
     with pytest.raises(DiskFullError, match=full_disk_message(disk, out / "report.json")):
-        report.write(_demo_run(out, 0.5))
+        run_report.write(_demo_run(out, 0.5))
     assert {name: (out / name).read_bytes() for name in before} == before
     assert temporary_files(out) == []
     ballast.free()
-    report.write(_demo_run(out, 0.5))
+    run_report.write(_demo_run(out, 0.5))
     (tmp_path / "demo").mkdir()
-    report.write(_demo_run(tmp_path / "demo", 0.5))  # uninterrupted
+    run_report.write(_demo_run(tmp_path / "demo", 0.5))  # uninterrupted
     for name in before:
         assert (out / name).read_bytes() == (tmp_path / "demo" / name).read_bytes()

@@ -18,10 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.search import make_image
-from lexvla import create_model
+from lexvla import LexVLA, create_model
 from lexvla.errors import LexVLAError
-from lexvla.models.checkpoint import load_model
-from lexvla.train import checkpoint as ckpt
+from lexvla.train import state as ckpt
 from lexvla.train.optim import create_optimizer, create_scheduler
 from lexvla.train.runlog import strict_json
 from lexvla.train.setup import experiment_config
@@ -64,7 +63,7 @@ def test_loading_a_nonfinite_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         LexVLAError, match=r"cannot load .*model\.safetensors: NaN or inf .*logit_scale"
     ):
-        load_model(folder)
+        LexVLA.from_pretrained(folder)
 
 
 def test_the_cli_refuses_it_with_one_line_and_status_2(tmp_path: Path) -> None:

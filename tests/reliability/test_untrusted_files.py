@@ -23,6 +23,7 @@ import torch
 from helpers.bad_inputs import PickleBomb, pickle_payload
 from helpers.index import no_fsync
 from helpers.search import make_image
+from lexvla import LexVLA
 from lexvla.errors import LexVLAError
 from lexvla.index import SparseIndex, build_index, init_shard_dir, iter_shards, write_shard
 from lexvla.index._generation import ARRAYS, BLOBS
@@ -62,28 +63,24 @@ def _sha(path: Path) -> str:
 # ---------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "vocab.json"])
 def test_model_checkpoint_refuses_a_pickle(fresh_tiny_model, tmp_path, marker, name):
-    from lexvla.models.checkpoint import load_model, save_model
-
-    folder = save_model(fresh_tiny_model, tmp_path / "ckpt")
+    folder = fresh_tiny_model.save_pretrained(tmp_path / "ckpt")
     (folder / name).write_bytes(pickle_payload(marker))
     with pytest.raises(LexVLAError, match=name.replace(".", r"\.")):
-        load_model(folder)
+        LexVLA.from_pretrained(folder)
 
 
 def test_torch_save_file_posing_as_safetensors_is_refused(fresh_tiny_model, tmp_path, marker):
-    from lexvla.models.checkpoint import load_model, save_model
-
-    folder = save_model(fresh_tiny_model, tmp_path / "ckpt")
+    folder = fresh_tiny_model.save_pretrained(tmp_path / "ckpt")
     torch.save({"weights": PickleBomb(marker)}, folder / "model.safetensors")
     with pytest.raises(LexVLAError, match="not a valid safetensors"):
-        load_model(folder)
+        LexVLA.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("name", ["optimizer.safetensors", "trainer_state.json"])
 def test_training_checkpoint_refuses_a_pickle(fresh_tiny_model, tmp_path, marker, name):
     from lexvla.presets import get_preset
-    from lexvla.train.checkpoint import load_latest, save_checkpoint
     from lexvla.train.optim import create_optimizer, create_scheduler
+    from lexvla.train.state import load_latest, save_checkpoint
 
     cfg = get_preset("tiny").train
     params = fresh_tiny_model.trainable_parameters()

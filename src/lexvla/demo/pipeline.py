@@ -95,7 +95,7 @@ def run_demo(
     console: Console | None = None,
 ) -> Path:
     """Run the whole demo; returns the path of the HTML report."""
-    from lexvla.demo import report
+    from lexvla.demo import run_report
 
     run = DemoRun(
         out_dir=Path(out_dir), data_dir=data_dir, steps=steps, console=console or Console()
@@ -112,7 +112,7 @@ def run_demo(
     run.step("index and example searches", lambda: _index_and_search(run, head, data))
     run.step("looking inside", lambda: _look_inside(run, head, data))
     run.results["total_seconds"] = round(time.perf_counter() - start, 1)
-    path = report.write(run)
+    path = run_report.write(run)
     run.console.print(f"\n[bold green]report[/bold green]: {path.resolve()}")
     run.console.print(f"open the web app: [bold]{serve_command(run)}[/bold]")
     return path
@@ -403,7 +403,7 @@ def _merged_shares(
 def _word_shares(contributions: list[tuple[str, float]], score: float) -> str:
     """'dog 12%, grass 7.3%, sky 0.42%': each word's share of the score it contributes to (as many
     digits as it takes for a share above zero to show above zero)."""
-    from lexvla.demo.report import share_text
+    from lexvla.demo.run_report import share_text
 
     if score <= 0:
         return ", ".join(word for word, _ in contributions)

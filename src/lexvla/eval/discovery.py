@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lexvla.eval.report import format_table
+from lexvla.eval.results import format_table
 from lexvla.eval.retrieval import (
     RetrievalData,
     collect_retrieval_data,
@@ -306,7 +306,7 @@ def run_false_discoveries(
 
     Arguments as :func:`lexvla.eval.retrieval.run_retrieval`; print with :func:`discovery_table`.
     """
-    from lexvla.eval.report import model_info, write_report
+    from lexvla.eval.results import model_info, write_report
     from lexvla.eval.retrieval import load_captioned_data, resolve_model
 
     model, ref = resolve_model(model)

@@ -42,7 +42,7 @@ from torch import Tensor
 from lexvla.data.transforms import grid_side
 from lexvla.errors import LexVLAError
 from lexvla.eval.metrics import confusion_matrix, iou_per_class, mean_iou
-from lexvla.eval.report import format_table
+from lexvla.eval.results import format_table
 from lexvla.eval.retrieval import (
     OperatingPoint,
     describe_point,
@@ -461,7 +461,7 @@ def run_patchdis(
     `model` is a preset name, a run/checkpoint folder or a model object; `overlays` is the folder
     for the per-image PNGs. Print the result with :func:`patchdis_table`.
     """
-    from lexvla.eval.report import model_info, write_report
+    from lexvla.eval.results import model_info, write_report
     from lexvla.eval.retrieval import resolve_model
 
     model, ref = resolve_model(model)

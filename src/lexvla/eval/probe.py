@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lexvla.data.transforms import grid_side
 from lexvla.errors import LexVLAError
 
 IGNORE_INDEX = 255
@@ -105,7 +106,8 @@ def probe_patch_labels(
     features: Tensor, masks: Sequence[np.ndarray | Tensor], num_classes: int
 ) -> Tensor:
     """Training labels of a batch: (N, P, D) features and N masks -> (N, P) majority labels."""
-    grid = int(round(features.shape[1] ** 0.5))
-    if grid * grid != features.shape[1]:
-        raise LexVLAError(f"{features.shape[1]} patches do not form a square grid")
+    try:
+        grid = grid_side(features.shape[1])
+    except ValueError as err:
+        raise LexVLAError(str(err)) from None
     return torch.stack([patch_labels(m, grid, num_classes) for m in masks])

@@ -10,7 +10,10 @@ the dot product and the cosine differ; both are reported (the cosine under `"cos
 
 Operating points (`sparsify`): `None` = the model's configured inference sparsification
 (`cfg.lexical.sparsify`, by default the paper's threshold `1/sqrt(V)`), `"threshold"`, `"dense"`
-(or `"none"`), or an int `k` = the `k` heaviest words of each vector (top-k).
+(or `"none"`), or an int `k` = the `k` heaviest words of each vector (top-k, also `"topk:k"`). These
+are the config's words (`lexvla.config.SPARSIFY_MODES`) with the top-k given by its k; results write
+no sparsification as `"dense"`. :func:`parse_operating_point` is the one mapping (the CLI's
+`--sparsify threshold|dense|K` goes through it).
 
 Encodings are cached on disk when `cache_dir` is given: one safetensors file per (model fingerprint,
 data fingerprint, crop), dense float32 (4·V bytes per vector), never pickle.
@@ -35,7 +38,7 @@ from lexvla._atomic import atomic_file
 from lexvla.config import RECALL_KS
 from lexvla.errors import LexVLAError
 from lexvla.eval.metrics import retrieval_recall
-from lexvla.eval.report import format_table, model_fingerprint
+from lexvla.eval.results import format_table, model_fingerprint
 from lexvla.layers.lexical import default_threshold, sparsify_threshold, sparsify_topk
 
 logger = logging.getLogger(__name__)
@@ -241,7 +244,8 @@ def encode_retrieval_data(
 
 # ------------------------------------------------------------------------------ operating points
 def parse_operating_point(point: OperatingPoint) -> OperatingPoint:
-    """Normalise an operating point: "threshold", "dense" or a top-k int (digit strings accepted)."""
+    """Normalise an operating point to "threshold", "dense" or a top-k int: takes the config's words
+    ("threshold", "none" = "dense"), "dense", an int, a digit string or "topk:K"."""
     if isinstance(point, bool):
         raise LexVLAError(f"invalid sparsity operating point {point!r}")
     if isinstance(point, int):
@@ -270,8 +274,14 @@ def model_operating_point(
     lex = model.cfg.lexical
     threshold = lex.threshold if lex.threshold > 0 else default_threshold(model.vocab_size)
     if sparsify is None:
-        sparsify = {"threshold": "threshold", "topk": lex.top_k, "none": "dense"}[lex.sparsify]
+        sparsify = config_operating_point(lex.sparsify, lex.top_k)
     return parse_operating_point(sparsify), threshold
+
+
+def config_operating_point(mode: str, top_k: int) -> OperatingPoint:
+    """The operating point of config sparsification `mode` (one of `SPARSIFY_MODES`; "topk" keeps
+    `top_k` words): "threshold", the int `top_k`, or "dense" for "none"."""
+    return {"threshold": "threshold", "topk": top_k, "none": "dense"}[mode]
 
 
 def sparsify_weights(
@@ -478,7 +488,7 @@ def run_retrieval(
     those of :func:`load_captioned_data` and :func:`evaluate_retrieval`. Print the result with
     :func:`retrieval_table`.
     """
-    from lexvla.eval.report import model_info, write_report
+    from lexvla.eval.results import model_info, write_report
 
     model, ref = resolve_model(model)
     dataset, data_info = load_captioned_data(data, images=images, split=split, holdout=holdout)

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from lexvla.config import RECALL_KS
-from lexvla.eval.report import format_table
+from lexvla.eval.results import format_table
 from lexvla.eval.retrieval import (
     Encodings,
     OperatingPoint,
@@ -264,7 +264,7 @@ def run_sparsity_curve(
     Arguments as :func:`lexvla.eval.retrieval.run_retrieval` and :func:`sparsity_curve`; print the
     result with :func:`sparsity_table`.
     """
-    from lexvla.eval.report import model_info, write_report
+    from lexvla.eval.results import model_info, write_report
     from lexvla.eval.retrieval import load_captioned_data, resolve_model
 
     model, ref = resolve_model(model)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lexvla.errors import LexVLAError
-from lexvla.eval.report import format_table
+from lexvla.eval.results import format_table
 from lexvla.layers.lexical import sparsify_threshold
 from lexvla.vocab import CONTINUATION_PREFIX, caption_words, fold_groups, fold_word, stop_words
 
@@ -370,7 +370,7 @@ def run_words(
 ) -> dict[str, Any]:
     """`lexvla eval words`: word quality of `model` (a LexVLA) on a captioned data file; the JSON
     report goes to `out`. Print it with :func:`words_table`."""
-    from lexvla.eval.report import model_info, write_report
+    from lexvla.eval.results import model_info, write_report
     from lexvla.eval.retrieval import collect_retrieval_data, load_captioned_data
 
     dataset, data_info = load_captioned_data(data, images=images, split=split)

@@ -87,7 +87,8 @@ def explain(
         k: number of words in the tables and contribution chart.
         patches: patches for the patch word cloud (indices or (row, col)); default: the 3 patches
             best grounded to the caption, or without caption the source patches of the top 3 words.
-        sparsify: "threshold", "topk" or "none"; None = the model's inference default.
+        sparsify: "threshold", "topk" or "none" (`lexvla.config.SPARSIFY_MODES`); None = the model's
+            inference default.
         model_ref: the model's name for the page (e.g. "small-offline").
 
     Returns:

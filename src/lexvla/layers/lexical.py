@@ -135,7 +135,8 @@ def sparsify_topk(weights: Tensor, k: int) -> Tensor:
 def sparsify(
     weights: Tensor, mode: str, *, threshold: float = 0.0, top_k: int = 512, max_words: int = 0
 ) -> Tensor:
-    """Apply the configured sparsification ("threshold", "topk" or "none"), then cap at `max_words`."""
+    """Apply the configured sparsification (`lexvla.config.SPARSIFY_MODES`: "threshold", "topk" or
+    "none"), then cap at `max_words`."""
     if mode == "threshold":
         weights = sparsify_threshold(weights, threshold if threshold > 0 else None)
     elif mode == "topk":

@@ -5,7 +5,7 @@ training moves it only a little away from where it started: the LM-head rows, wh
 from the backbone. `compact_model` keeps that start out of the file and stores the change as the best
 rank-r product U·W (truncated SVD, Eckart-Young), in the layout of ``lexical.image_codebook_rank``, so
 the result is an ordinary checkpoint: `LexVLA.from_pretrained` loads it, training can continue from it.
-Saved in float16 (`save_model(..., dtype=torch.float16)`), the ``small-offline`` head is a few MB.
+Saved in float16 (`save_pretrained(..., dtype=torch.float16)`), the ``small-offline`` head is a few MB.
 """
 
 from __future__ import annotations

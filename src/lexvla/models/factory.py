@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lexvla.config import ModelConfig, apply_overrides
+from lexvla.config import apply_overrides
 from lexvla.errors import LexVLAError
 from lexvla.models.bundled import BUNDLED_CHECKPOINTS, bundled_checkpoint_dir
 from lexvla.models.lexvla import LexVLA
@@ -76,18 +76,3 @@ def create_model(
         f"unknown model '{name}': give a preset ({', '.join(list_presets())}), a bundled checkpoint "
         f"({', '.join(BUNDLED_CHECKPOINTS)}), a run folder or a checkpoint folder"
     )
-
-
-def model_config_of(name_or_path: str | Path) -> ModelConfig:
-    """The ModelConfig of a preset or checkpoint, without building the model."""
-    from lexvla.models.checkpoint import read_checkpoint_config
-
-    name = str(name_or_path)
-    if name in list_presets():
-        return get_preset(name).model
-    if name in BUNDLED_CHECKPOINTS:
-        return read_checkpoint_config(bundled_checkpoint_dir(name))
-    checkpoint = resolve_checkpoint_dir(name)
-    if checkpoint is None:
-        raise LexVLAError(f"unknown model '{name}'")
-    return read_checkpoint_config(checkpoint)

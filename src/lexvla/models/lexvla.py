@@ -24,6 +24,16 @@ from lexvla.config import ModelConfig
 from lexvla.data.transforms import ImageProcessor
 from lexvla.errors import LexVLAError
 from lexvla.layers.lexical import SparseLexical, sparsify, to_sparse
+from lexvla.models.serialization import (
+    WEIGHTS,
+    CheckpointFiles,
+    check_vocab,
+    load_trained_weights,
+    local_folder,
+    model_card,
+    read_checkpoint_config,
+    save_checkpoint_files,
+)
 from lexvla.models.text import TextTower
 from lexvla.models.tokenizer import load_tokenizer
 from lexvla.models.vision import VisionTower
@@ -283,15 +293,26 @@ class LexVLA(nn.Module):
     def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
         """Write config.json, model.safetensors (trained weights, in `dtype` if given), vocab.json and
         README.md atomically."""
-        from lexvla.models.checkpoint import save_model
+        tensors = None
+        if dtype is not None:
+            tensors = {k: v.detach().to(dtype) for k, v in self.trainable_parameters().items()}
+        return save_checkpoint_files(path, self.checkpoint_files(tensors))
 
-        return save_model(self, path, dtype=dtype)
+    def checkpoint_files(self, tensors: dict[str, Tensor] | None = None) -> CheckpointFiles:
+        """What a checkpoint of this model holds; `tensors` overrides the trained parameters (e.g.
+        whole tensors gathered from FSDP shards)."""
+        if tensors is None:
+            tensors = self.trainable_parameters()
+        card = model_card(self.cfg, self.vocab_size, self.num_trainable())
+        return CheckpointFiles(self.cfg, self.vocab, tensors, card)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, device: torch.device | str | None = None
     ) -> LexVLA:
         """Load a model saved by `save_pretrained` (a local folder, or a hub repository name)."""
-        from lexvla.models.checkpoint import load_model
-
-        return load_model(path, device=device)
+        folder = local_folder(path)
+        model = cls(read_checkpoint_config(folder))
+        check_vocab(model.vocab, folder)
+        load_trained_weights(model.trainable_parameters(), folder / WEIGHTS)
+        return model.to(device) if device is not None else model

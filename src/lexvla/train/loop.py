@@ -29,7 +29,7 @@ from lexvla.config import ExperimentConfig, to_json
 from lexvla.errors import LexVLAError
 from lexvla.losses import LexVLAObjective
 from lexvla.models.lexvla import LexVLA
-from lexvla.train import checkpoint as ckpt
+from lexvla.train import state as ckpt
 from lexvla.train.batches import BatchSource
 from lexvla.train.distributed import (
     DistInfo,

@@ -1,4 +1,4 @@
-"""Evaluation reports: a JSON result that says which model, data, settings and library versions made it.
+"""Evaluation results: a JSON result that says which model, data, settings and library versions made it.
 
 Every evaluation (`lexvla eval ...`) writes its result with :func:`write_report`. The file holds the
 result's own keys at the top level (e.g. `image_to_text/R@1`) plus

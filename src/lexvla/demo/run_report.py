@@ -1,4 +1,4 @@
-"""The demo's HTML report (self-contained) and its JSON twin."""
+"""The demo run's report: one self-contained HTML page and its JSON twin."""
 
 from __future__ import annotations
 

@@ -40,14 +40,15 @@ from lexvla._atomic import (
     is_disk_full,
 )
 from lexvla.errors import LexVLAError
-from lexvla.models.checkpoint import (
+from lexvla.models.lexvla import LexVLA
+from lexvla.models.serialization import (
     DIVERGED_FIX,
     NONFINITE_FILE_FIX,
+    WEIGHTS,
     load_trained_weights,
     require_finite,
-    write_model_files,
+    write_checkpoint_files,
 )
-from lexvla.models.lexvla import LexVLA
 from lexvla.train.distributed import any_rank, barrier
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def save_checkpoint(
     trainer_state = {"step": step, "param_groups": groups, "scheduler": scheduler.state_dict()}
     try:
         with atomic_dir(folder, staging=staging) as tmp:
-            write_model_files(model, tmp, weights)
+            write_checkpoint_files(tmp, model.checkpoint_files(weights))
             if not sharded:
                 save_file(optimizer_tensors, str(tmp / OPTIMIZER))
             text = json.dumps({**trainer_state, **(extra or {})}, indent=2, default=float)
@@ -241,7 +242,7 @@ def save_final_model(model: LexVLA, folder: Path, *, is_writer: bool = True) -> 
     weights = full_trainable_state(model)
     if is_writer:
         with atomic_dir(folder) as tmp:
-            write_model_files(model, tmp, weights)
+            write_checkpoint_files(tmp, model.checkpoint_files(weights))
 
 
 def load_latest(
@@ -263,7 +264,7 @@ def load_latest(
         source = folder / SHARDED if (folder / SHARDED).is_dir() else folder
         _load_with_dcp(source, model, optimizer)
     else:
-        load_trained_weights(model, folder / "model.safetensors")
+        load_trained_weights(model.trainable_parameters(), folder / WEIGHTS)
         _load_optimizer(folder, model, optimizer)
     state = _read_state(folder)
     _load_param_groups(folder, state, optimizer)

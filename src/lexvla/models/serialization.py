@@ -1,4 +1,7 @@
-"""Save and load LexVLA checkpoints: safetensors + JSON only, never pickle.
+"""The files of a LexVLA checkpoint: safetensors + JSON only, never pickle.
+
+Pure I/O on plain data (a ModelConfig, a vocabulary, a dict of tensors, a model card): building the
+model from them, and them from a model, is `LexVLA.from_pretrained` / `LexVLA.save_pretrained`.
 
 A checkpoint folder holds `config.json` (the ModelConfig plus format metadata), `model.safetensors`
 (the trained parameters only), `vocab.json` (the lexical vocabulary, checked on load) and a model card
@@ -12,8 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -25,9 +28,6 @@ from lexvla.config import ModelConfig, from_dict, to_dict
 from lexvla.errors import LexVLAError
 from lexvla.vocab import LexicalVocabulary
 
-if TYPE_CHECKING:
-    from lexvla.models.lexvla import LexVLA
-
 logger = logging.getLogger(__name__)
 
 FORMAT = "lexvla-checkpoint"
@@ -37,31 +37,27 @@ DIVERGED_FIX = "the training diverged: train again with a lower train.lr"
 NONFINITE_FILE_FIX = "the run that wrote it diverged: use an earlier checkpoint"
 
 
-def save_model(model: LexVLA, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write `model` to folder `path` atomically (replacing an existing checkpoint there).
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """What a checkpoint folder holds, as plain data (built by `LexVLA.checkpoint_files`)."""
 
-    `dtype` (e.g. torch.float16) stores the trained weights in that precision; loading casts them
-    back to the model's own.
-    """
+    config: ModelConfig
+    vocab: LexicalVocabulary
+    tensors: dict[str, torch.Tensor]  # the trained parameters by name
+    card: str  # the model card, README.md
+
+
+def save_checkpoint_files(path: str | Path, files: CheckpointFiles) -> Path:
+    """Write `files` to folder `path` atomically (replacing an existing checkpoint there)."""
     path = Path(path)
-    tensors = None
-    if dtype is not None:
-        tensors = {k: v.detach().to(dtype) for k, v in model.trainable_parameters().items()}
     with atomic_dir(path) as tmp:
-        write_model_files(model, tmp, tensors)
+        write_checkpoint_files(tmp, files)
     return path
 
 
-def write_model_files(
-    model: LexVLA, folder: Path, tensors: dict[str, torch.Tensor] | None = None
-) -> None:
-    """config.json, model.safetensors (trained parameters), vocab.json and README.md into `folder`.
-
-    `tensors` overrides the trained parameters (e.g. full tensors gathered from FSDP shards).
-    """
-    if tensors is None:
-        tensors = model.trainable_parameters()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+def write_checkpoint_files(folder: Path, files: CheckpointFiles) -> None:
+    """config.json, model.safetensors (the tensors), vocab.json and README.md into `folder`."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in files.tensors.items()}
     require_finite(tensors, "not writing a checkpoint of these weights", DIVERGED_FIX)
     save_file(tensors, folder / WEIGHTS, metadata={"format": FORMAT})
     meta = {
@@ -69,12 +65,12 @@ def write_model_files(
         "format_version": FORMAT_VERSION,
         "lexvla_version": __version__,
         "architecture": "LexVLA",
-        "vocab_size": model.vocab_size,
-        "model": to_dict(model.cfg),
+        "vocab_size": files.vocab.size,
+        "model": to_dict(files.config),
     }
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    model.vocab.save(folder / "vocab.json")
-    (folder / "README.md").write_text(model_card(model), encoding="utf-8")
+    files.vocab.save(folder / "vocab.json")
+    (folder / "README.md").write_text(files.card, encoding="utf-8")
 
 
 def read_checkpoint_config(path: str | Path) -> ModelConfig:
@@ -97,19 +93,9 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, meta.get("model", {}), where="model")
 
 
-def load_model(path: str | Path, *, device: torch.device | str | None = None) -> LexVLA:
-    """Rebuild the model from a checkpoint folder (or hub repository) and load its trained weights."""
-    from lexvla.models.lexvla import LexVLA
-
-    folder = _local_folder(path)
-    model = LexVLA(read_checkpoint_config(folder))
-    _check_vocab(model.vocab, folder)
-    load_trained_weights(model, folder / WEIGHTS)
-    return model.to(device) if device is not None else model
-
-
-def load_trained_weights(model: LexVLA, weights_file: Path) -> None:
-    """Load trained parameters, with clear errors for a checkpoint of another architecture."""
+def load_trained_weights(params: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """Copy the tensors of `weights_file` into `params` (name -> trained parameter), with clear
+    errors for a checkpoint of another architecture."""
     try:
         state = load_file(str(weights_file))
     except FileNotFoundError:
@@ -118,16 +104,15 @@ def load_trained_weights(model: LexVLA, weights_file: Path) -> None:
         raise LexVLAError(
             f"{weights_file} is not a valid safetensors file ({err}): re-save it"
         ) from None
-    expected = model.trainable_parameters()
-    unexpected = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    missing = sorted(set(params) - set(state))
     if unexpected or missing:
         raise LexVLAError(
             f"{weights_file} is a checkpoint of another architecture: "
             f"unexpected keys {unexpected[:5]}, missing keys {missing[:5]}"
         )
     require_finite(state, f"cannot load {weights_file}", NONFINITE_FILE_FIX)
-    for name, param in expected.items():
+    for name, param in params.items():
         if state[name].shape != param.shape:
             raise LexVLAError(
                 f"{weights_file}: '{name}' has shape {tuple(state[name].shape)}, this model expects "
@@ -149,7 +134,8 @@ def require_finite(tensors: dict[str, torch.Tensor], what: str, fix: str) -> Non
         raise LexVLAError(f"{what}: NaN or inf values in {listed}; {fix}")
 
 
-def _check_vocab(vocab: LexicalVocabulary, folder: Path) -> None:
+def check_vocab(vocab: LexicalVocabulary, folder: Path) -> None:
+    """Refuse a checkpoint whose vocab.json differs from `vocab` (the one the tokenizer gives)."""
     vocab_file = folder / "vocab.json"
     if not vocab_file.exists():
         return
@@ -161,7 +147,8 @@ def _check_vocab(vocab: LexicalVocabulary, folder: Path) -> None:
         )
 
 
-def _local_folder(path: str | Path) -> Path:
+def local_folder(path: str | Path) -> Path:
+    """Checkpoint folder `path`, or the local copy of hub repository `path` (fetched)."""
     folder = Path(path)
     if folder.is_dir():
         return folder
@@ -177,10 +164,9 @@ def _local_folder(path: str | Path) -> Path:
         ) from None
 
 
-def model_card(model: LexVLA) -> str:
-    """A short model card: backbones, vocabulary, trained parts and licences."""
-    cfg = model.cfg
-    counts = model.num_trainable()
+def model_card(cfg: ModelConfig, vocab_size: int, counts: dict[str, int]) -> str:
+    """A short model card: backbones, vocabulary, trained parts (`counts`: trainable parameters by
+    part) and licences."""
     lora = (
         f"LoRA r={cfg.text.lora_rank}: {counts['lora']:,} params"
         if cfg.text.use_lora
@@ -188,7 +174,7 @@ def model_card(model: LexVLA) -> str:
     )
     return f"""# LexVLA checkpoint
 
-Interpretable image-text model: images and texts are sparse, non-negative vectors over {model.vocab_size:,}
+Interpretable image-text model: images and texts are sparse, non-negative vectors over {vocab_size:,}
 words of the `{cfg.text.tokenizer or cfg.text.backbone}` vocabulary (rule `{cfg.lexical.vocab_rule}`).
 
 | part | source | trained |
