@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -378,8 +379,8 @@ def recipe_targets(rec: Json) -> str:
     return table(["target", "goal", "measured", "verdict"], rows)
 
 
-def recipe_models(rec: Json, before: Json | None = None) -> str:
-    """The recipe's models on val; `before`: the same recipe without the caption's own words."""
+def recipe_models(rec: Json, earlier: Sequence[tuple[str, Json | None]] = ()) -> str:
+    """The recipe's models on val, then earlier defaults of the recipe (name, report) where found."""
     rows = []
     models = [("untrained", rec, "untrained"), ("trained (recipe)", rec, "trained")]
     if "compact" in rec:
@@ -387,8 +388,7 @@ def recipe_models(rec: Json, before: Json | None = None) -> str:
         models.append(
             (f"its compact form (`lexvla compact`, rank 64, {size:.1f} MB)", rec, "compact")
         )
-    if before is not None:
-        models.append(("the recipe without input words (previous default)", before, "trained"))
+    models += [(name, report, "trained") for name, report in earlier if report is not None]
     for name, source, key in models:
         b, w = source[key], source[key]["words"]
         rows.append(
@@ -604,7 +604,19 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
         "",
         "### Retrieval and words",
         "",
-        recipe_models(rec, _load_if_file(results / "flickr8k_recipe_before_input_words.json")),
+        recipe_models(
+            rec,
+            [
+                (
+                    "caption-word loss 0.1 (the previous default)",
+                    _load_if_file(results / "flickr8k_recipe_caption_words_0.1.json"),
+                ),
+                (
+                    "caption-word loss 0.1, no input words (the default before)",
+                    _load_if_file(results / "flickr8k_recipe_before_input_words.json"),
+                ),
+            ],
+        ),
         "",
         "Words in the top-10 of more than 10% of the vectors (the overuse detector):",
         "",

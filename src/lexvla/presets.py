@@ -146,9 +146,9 @@ def small_offline() -> ExperimentConfig:
     # frozen towers with the frozen features cached, a trained residual text head instead of LoRA
     # (LoRA on SmolLM2 costs about 40x per step here), the "words" vocabulary (whole words, no stop
     # words), a learnt scale and offset per modality that start every logit at -5 (sparse at step 0),
-    # a sharp temperature (50), the overuse penalty on the activations, a small caption-word loss that
-    # names what is in the photo, the caption's own words in its text vector (weight 2, SPLADE-style),
-    # and a random quarter of the patches per step (FLIP-style).
+    # a sharp temperature (50), the overuse penalty on the activations, a caption-word loss (weight
+    # 1) that names what is in the photo, the caption's own words in its text vector (weight 2,
+    # SPLADE-style), and a random quarter of the patches per step (FLIP-style).
     model = ModelConfig(
         vision=VisionConfig(backbone="offline:dinov2-small"),
         text=TextConfig(
@@ -173,7 +173,7 @@ def small_offline() -> ExperimentConfig:
         save_every=300,
     )
     loss = LossConfig(
-        penalty="overuse", penalty_on="activations", penalty_weight=0.1, caption_words_weight=0.1
+        penalty="overuse", penalty_on="activations", penalty_weight=0.1, caption_words_weight=1.0
     )
     return ExperimentConfig(model=model, train=train, loss=loss, data=DataConfig(holdout=16))
 
