@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "text_latency": ["--queries", "12", "--captions", "64", "--profile-queries", "3"],
     "serve_load_small_offline": ["--quick"],
     "train_flickr8k": "--images 40 --warmup 1 --steps 1 --check-steps 1 --profile-steps 1".split(),
+    "encode_corpus": ["--images", "32", "--repeats", "1"],
 }
 # name -> (script, arguments of every run) where the report's name is not the script's
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -224,6 +225,17 @@ def _train_flickr8k(r: dict) -> list[str]:
     return lines
 
 
+def _encode_corpus(r: dict) -> list[str]:
+    res = r["results"]
+    rates = ", ".join(f"{row['arm']} {row['images_per_s']:.1f}" for row in res["arms"])
+    words = res["bf16_top256_overlap"]
+    return [
+        f"encode-corpus images/s: {rates}",
+        f"bf16 top-256 words vs float32: mean overlap {words['mean']:.2%}, min {words['min']:.2%}, "
+        f"identical sets {words['exactly_equal_share']:.0%} of images",
+    ]
+
+
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "text_encoding": _text_encoding,
     "train_step": _train_step,
@@ -236,6 +248,7 @@ SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "text_latency": _text_latency,
     "serve_load_small_offline": _serve_load_small_offline,
     "train_flickr8k": _train_flickr8k,
+    "encode_corpus": _encode_corpus,
 }
 
 
