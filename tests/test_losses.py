@@ -210,3 +210,26 @@ def test_objective_adds_the_weighted_caption_word_loss():
     words = caption_word_loss(image, targets) + caption_word_loss(text, targets)
     assert out["caption_word_loss"].item() == pytest.approx(words.item())
     assert out["loss"].item() == pytest.approx((out["contrastive_loss"] + 0.5 * words).item())
+
+
+def test_caption_word_loss_on_the_image_side_only():
+    from lexvla.errors import LexVLAError
+    from lexvla.losses import caption_word_loss
+
+    torch.manual_seed(1)
+    image, text = torch.rand(4, 6) + 0.1, torch.rand(4, 6) + 0.1
+    targets = torch.softmax(torch.randn(4, 6), dim=-1)
+    cfg = LossConfig(penalty="none", caption_words_weight=2.0, caption_words_on="image")
+    out = LexVLAObjective(cfg)(
+        F.normalize(image, dim=-1),
+        F.normalize(text, dim=-1),
+        torch.tensor([10.0]),
+        0,
+        word_targets=targets,
+        activations=(image, text.requires_grad_()),
+    )
+    words = caption_word_loss(image, targets)
+    assert out["caption_word_loss"].item() == pytest.approx(words.item())
+    assert out["loss"].item() == pytest.approx((out["contrastive_loss"] + 2.0 * words).item())
+    with pytest.raises(LexVLAError, match="loss.caption_words_on"):
+        LossConfig(caption_words_on="text")

@@ -173,6 +173,10 @@ class LossConfig(_Checked):
     # Weight of the caption-word loss (losses.caption_word_loss): image and text vectors are pulled
     # towards the content words of the image's captions. 0: off (the paper trains contrastively only).
     caption_words_weight: float = 0.0
+    # Which vectors the caption-word loss pulls: "both", or "image" only (a text vector that holds
+    # its caption's own words, `model.text.input_words_weight` > 0, is already anchored; pulling it
+    # towards the other captions' words teaches it the set's priors, e.g. `man` for every caption).
+    caption_words_on: str = "both"
 
 
 @dataclass
@@ -489,6 +493,7 @@ INFERENCE_WEIGHTS = ("float32", "bfloat16", "auto", "transformers")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.text.inference_weights": INFERENCE_WEIGHTS,
     "model.vision.inference_dtype": ("float32", "bfloat16", "auto"),
+    "loss.caption_words_on": ("both", "image"),
 }
 
 

@@ -222,9 +222,9 @@ class LexVLAObjective:
         if self.cfg.caption_words_weight > 0 and word_targets is not None:
             if activations is None:
                 raise ValueError("the caption-word loss needs the (image, text) activations")
-            words = caption_word_loss(activations[0], word_targets) + caption_word_loss(
-                activations[1], word_targets
-            )
+            words = caption_word_loss(activations[0], word_targets)  # the image side
+            if self.cfg.caption_words_on == "both":
+                words = words + caption_word_loss(activations[1], word_targets)
             out["caption_word_loss"] = words
             total = total + self.cfg.caption_words_weight * words
         out["loss"] = total
