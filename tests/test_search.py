@@ -230,6 +230,12 @@ def test_text_search_equals_brute_force(engine, tiny_index):
             hit["score"], rel=1e-4
         )
         assert hit["metadata"]["path"].endswith(hit["key"].split("/")[-1])
+    groups, labels = engine.model.vocab.word_groups()
+    # Each word is named as a person reads it.
+    for row in (row for hit in hits for row in hit["words"]):
+        assert row["group"] == labels[groups[engine.model.vocab.index_of(row["word"])]]
+    groups_seen = [row["group"] for row in hits[0]["words"]]
+    assert len(groups_seen) == len(set(groups_seen))  # one row per word, its forms merged
 
 
 def test_image_query_finds_the_same_image_first(engine, tiny_index):

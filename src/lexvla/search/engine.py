@@ -312,12 +312,12 @@ def query_text(text: str) -> str:
 
 def _hit_dict(hit: Any, vocab: LexicalVocabulary) -> dict[str, Any]:
     """A hit as a dict; its per-word contributions merged over the forms of one word ("dog" and
-    "dogs" are one row, their products summed, named by the form that contributes most: a
-    vocabulary word, so it can steer a query)."""
+    "dogs" are one row, their products summed): `word` is the form that contributes most (a
+    vocabulary word, so it can steer a query), `group` the word as a person reads it."""
     metadata = dict(getattr(hit, "metadata", None) or {})
     contributions = [
-        {"word": form, "contribution": total}
-        for _, form, total in vocab.merge_forms(getattr(hit, "words", None) or [])
+        {"word": form, "group": group, "contribution": total}
+        for group, form, total in vocab.merge_forms(getattr(hit, "words", None) or [])
     ]
     return {
         "doc": int(hit.doc),

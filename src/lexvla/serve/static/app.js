@@ -124,8 +124,8 @@ function renderQuery() {
   more.textContent = state.showAllWords ? "Show fewer words" : `Show all ${words.length} words`;
 }
 
-// The forms of one word ("dog", "dogs") as one chip, named by its heaviest form (as the result
-// tags are) and weighted by their sum; editing the chip edits every form.
+// The forms of one word ("dog", "dogs") as one chip, named as a person reads the word (as the
+// result tags are) and weighted by their sum; editing the chip edits every form.
 function wordGroups() {
   const groups = new Map();
   for (const item of state.words) {
@@ -135,10 +135,7 @@ function wordGroups() {
     group.changed ||= item.changed;
     groups.set(item.group, group);
   }
-  for (const group of groups.values()) {
-    const heavier = (a, b) => b.weight > a.weight || (b.weight === a.weight && b.word === b.group);
-    group.word = group.forms.reduce((a, b) => (heavier(a, b) ? b : a)).word;
-  }
+  for (const [name, group] of groups) group.word = name;
   return [...groups.values()].sort((a, b) => b.weight - a.weight);
 }
 
@@ -200,7 +197,7 @@ function renderResults() {
   grid.replaceChildren();
   for (const hit of state.results) {
     const tags = el("div", { class: "tags" },
-      ...hit.words.slice(0, 4).map((w) => el("span", { class: "tag", title: `contributes ${sig(w.contribution)}`, text: w.word })));
+      ...hit.words.slice(0, 4).map((w) => el("span", { class: "tag", title: `contributes ${sig(w.contribution)}`, text: w.group || w.word })));
     const card = el("button", { type: "button", class: "card", "data-doc": hit.doc, "data-testid": "result", onclick: () => selectDoc(hit.doc) },
       el("img", { src: `/api/docs/${hit.doc}/thumbnail?size=256`, alt: hit.key, loading: "lazy" }),
       el("div", { class: "meta" },
