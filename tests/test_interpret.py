@@ -142,6 +142,7 @@ def test_explain_without_caption_and_chosen_patches(tiny_model, tmp_path):
     _assert_self_contained((tmp_path / "index.html").read_text())
 
 
-def test_explain_builds_a_model_from_its_name(tmp_path):
-    out = explain("tiny", Image.new("RGB", (30, 30), (9, 99, 199)), "a red bus", tmp_path)
+def test_explain_names_the_model_on_its_page(tiny_model, tmp_path):
+    image = Image.new("RGB", (30, 30), (9, 99, 199))
+    out = explain(tiny_model, image, "a red bus", tmp_path, model_ref="tiny")
     assert out["model"] == "tiny" and "tiny" in (tmp_path / "index.html").read_text()

@@ -23,7 +23,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -40,6 +40,9 @@ from lexvla.interpret.grounding import (
     word_source_patches,
 )
 from lexvla.interpret.lexicon import explain_score, merge_pieces
+
+if TYPE_CHECKING:
+    from lexvla.models.lexvla import LexVLA
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def _top(weights: torch.Tensor, words: Sequence[str], k: int) -> list[tuple[str,
 
 
 def explain(
-    model: Any,
+    model: LexVLA,
     image_path: str | Path | Image.Image,
     caption: str | None = None,
     out_dir: str | Path = "explain",
@@ -80,7 +83,7 @@ def explain(
     """Explain what `model` reads in an image (and why it matches `caption`); write PNGs and a page.
 
     Args:
-        model: a LexVLA model, or a preset name / run or checkpoint folder to build one from.
+        model: a LexVLA model (in eval mode).
         image_path: the image (path or PIL image).
         caption: optional text to score against the image and ground in it.
         out_dir: folder for the PNGs, `explanation.json` and `index.html` (created).
@@ -95,11 +98,6 @@ def explain(
         `{"image", "caption", "score", "contributions", "image_words", "text_words", "patches",
         "grid", "files": {name: path}, "html": path}`.
     """
-    if isinstance(model, str | Path):
-        from lexvla.models.factory import create_model
-
-        model_ref = model_ref or str(model)
-        model = create_model(model).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image = load_image(image_path)
