@@ -80,7 +80,7 @@ def soak_plans(engine: Any, images: list[bytes], max_upload_mb: float) -> list[P
         body = {"doc": doc, "words": query_words}
         plans.append(
             json_request("explain", "/api/explain", {**body, "k": 8},
-                         check=same_json(engine.explain(query, doc, 8)), weight=0.5)
+                         check=same_json(engine.explain_match(query, doc, 8)), weight=0.5)
         )  # fmt: skip
         plans.append(
             json_request("grounding", "/api/grounding", body,

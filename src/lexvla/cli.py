@@ -445,9 +445,9 @@ def explain(
 
     Example: [bold]lexvla explain photo.jpg --text "a dog on the grass" --out explain/[/bold]
     """
-    from lexvla.interpret.explain import explain as explain_image
+    from lexvla.interpret.explain import image_report
 
-    result = explain_image(_load_model(model), image, text, out, k=top, model_ref=model)
+    result = image_report(_load_model(model), image, text, out, k=top, model_ref=model)
     console.print(f"wrote {result.get('html', out)}")
 
 

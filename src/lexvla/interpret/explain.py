@@ -1,6 +1,6 @@
 """`lexvla explain IMAGE [--text CAPTION]`: why the model sees what it sees, in words and pictures.
 
-:func:`explain` encodes one image (resized whole, `crop=False`, so every pixel belongs to a patch and
+:func:`image_report` encodes one image (resized whole, `crop=False`, so every pixel belongs to a patch and
 the heatmap covers the whole picture) and optionally one caption, sparsifies both as at inference (the
 model's default: threshold `1/sqrt(V)`), and writes to `out_dir`:
 
@@ -39,7 +39,7 @@ from lexvla.interpret.grounding import (
     top_patches,
     word_source_patches,
 )
-from lexvla.interpret.lexicon import explain_score, merge_pieces
+from lexvla.interpret.lexicon import merge_pieces, score_contributions
 
 if TYPE_CHECKING:
     from lexvla.models.lexvla import LexVLA
@@ -69,7 +69,7 @@ def _top(weights: torch.Tensor, words: Sequence[str], k: int) -> list[tuple[str,
     return merged[:k]
 
 
-def explain(
+def image_report(
     model: LexVLA,
     image_path: str | Path | Image.Image,
     caption: str | None = None,
@@ -80,7 +80,7 @@ def explain(
     sparsify: str | None = None,
     model_ref: str | None = None,
 ) -> dict[str, Any]:
-    """Explain what `model` reads in an image (and why it matches `caption`); write PNGs and a page.
+    """The report on what `model` reads in an image (and why it matches `caption`): PNGs and a page.
 
     Args:
         model: a LexVLA model (in eval mode).
@@ -144,7 +144,7 @@ def _caption_part(
 ) -> dict[str, Any]:
     """Score, contributions, text cloud, grounding heatmap and contribution chart of the caption."""
     score = float(vec["image"].double() @ vec["text"].double())
-    contributions = explain_score(vec["image"], vec["text"], words, k, merge=True)
+    contributions = score_contributions(vec["image"], vec["text"], words, k, merge=True)
     files["text_words"] = plots.save_word_cloud(vec["text"], words, out / "text_words.png")
     files["grounding"] = plots.save_grounding_heatmap(
         image,

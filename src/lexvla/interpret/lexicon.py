@@ -57,7 +57,7 @@ def _display_groups(words: tuple[str, ...]) -> tuple[list[int], list[str]]:
 OTHER_WORDS = "(other words)"
 
 
-def explain_score(
+def score_contributions(
     image_weights: Tensor,
     text_weights: Tensor,
     words: Sequence[str],
@@ -65,7 +65,7 @@ def explain_score(
     *,
     merge: bool = False,
 ) -> list[tuple[str, float]]:
-    """Per-word explanation of an image-text score `s = Σ_v image[v] · text[v]`.
+    """The per-word contributions to an image-text score `s = Σ_v image[v] · text[v]`.
 
     Args:
         image_weights: (V,) image vector (as scored: usually sparsified).
