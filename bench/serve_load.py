@@ -474,6 +474,7 @@ def main() -> None:
     contention = Contention()
 
     from lexvla.index import build_index
+    from lexvla.models.factory import create_model
     from lexvla.search import SearchEngine, encode_corpus
 
     max_upload_mb = 1
@@ -484,11 +485,10 @@ def main() -> None:
             args.documents = len(paths)
         else:
             paths = make_corpus(root / "images", args.documents)
-        encode_corpus(
-            args.model, root / "images", root / "lex", progress=False, model_name=args.model
-        )
+        model = create_model(args.model).eval()
+        encode_corpus(model, root / "images", root / "lex", progress=False, model_name=args.model)
         build_index(root / "lex", root / "index")
-        engine = SearchEngine.open(root / "index", args.model)
+        engine = SearchEngine.open(root / "index", model)
         if real:
             figures = real_model_phases(args, root, engine)
         else:

@@ -80,7 +80,7 @@ def soak_plans(engine: Any, images: list[bytes], max_upload_mb: float) -> list[P
         body = {"doc": doc, "words": query_words}
         plans.append(
             json_request("explain", "/api/explain", {**body, "k": 8},
-                         check=same_json(engine.explain(query, doc, 8)), weight=0.5)
+                         check=same_json(engine.explain_match(query, doc, 8)), weight=0.5)
         )  # fmt: skip
         plans.append(
             json_request("grounding", "/api/grounding", body,
@@ -204,16 +204,17 @@ def main() -> None:
     args = _arguments()
     machine = {**machine_info(), "versions": package_versions("fastapi", "uvicorn", "torch")}
     from lexvla.index import build_index
+    from lexvla.models.factory import create_model
     from lexvla.search import SearchEngine, encode_corpus
 
     max_upload_mb = 1
     with tempfile.TemporaryDirectory(prefix="lexvla-serve-soak-") as tmp:
         root = Path(tmp)
         paths = make_corpus(root / "images", args.documents)
-        encode_corpus(args.model, root / "images", root / "lex", progress=False,
-                      model_name=args.model)  # fmt: skip
+        model = create_model(args.model).eval()
+        encode_corpus(model, root / "images", root / "lex", progress=False, model_name=args.model)
         build_index(root / "lex", root / "index")
-        engine = SearchEngine.open(root / "index", args.model)
+        engine = SearchEngine.open(root / "index", model)
         plans = soak_plans(engine, [p.read_bytes() for p in paths[:3]], max_upload_mb)
         port = free_port()
         server = start_server(root / "index", port, max_upload_mb)

@@ -56,8 +56,8 @@ def render() -> str:
         "Generated from `src/lexvla/config.py` by `scripts/gen_config_docs.py`; do not edit by hand.",
         "Override any field with `--set key=value` (values are JSON; plain strings need no quotes), e.g.",
         "`lexvla train --preset tiny --set train.steps=40 --set model.lexical.vocab_rule=word-start`.",
-        "A value outside its allowed range, or a float that is not finite, is refused when the config",
-        "is built, naming its key.",
+        "A value outside its allowed range or values, or a float that is not finite, is refused when the",
+        "config is built, naming its key.",
         f"Presets: {', '.join(f'`{p}`' for p in list_presets())} (`lexvla presets`).",
         "",
     ]
@@ -83,6 +83,9 @@ def render() -> str:
             )
             meaning = comments.get(f.name, "").replace("|", "\\|")
             allowed = config.RANGES.get(f"{prefix}.{f.name}")
+            choices = config.CHOICES.get(f"{prefix}.{f.name}")
+            if choices is not None:
+                allowed = " \\| ".join(f"`{c}`" for c in choices)
             if allowed is not None:
                 meaning = f"{meaning.rstrip('. ')}. Allowed: {allowed}.".lstrip(". ")
             shown = shown.replace("|", "\\|")

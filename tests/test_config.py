@@ -9,6 +9,7 @@ import re
 import pytest
 
 from lexvla.config import (
+    CHOICES,
     RANGES,
     SECTIONS,
     ExperimentConfig,
@@ -212,3 +213,20 @@ def test_a_string_outside_its_choices_is_refused_with_its_key():
         apply_overrides(get_preset("tiny"), ["model.text.inference_weights=fp32"])
     for value in CHOICES["model.text.inference_weights"]:
         assert TextConfig(inference_weights=value).inference_weights == value
+
+
+def _choice_field(key: str) -> tuple[type, str]:
+    """(config class, field name) of a dotted CHOICES key."""
+    section, name = key.rsplit(".", 1)
+    classes = {s: cls for cls, s in SECTIONS.items()}
+    return classes[section], name
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_choice_refuses_other_strings_and_takes_its_values(key):
+    cls, name = _choice_field(key)
+    assert name in {f.name for f in dataclasses.fields(cls)}
+    with pytest.raises(LexVLAError, match=rf"'{re.escape(key)}' must be one of .*got 'bogus'"):
+        cls(**{name: "bogus"})
+    for value in CHOICES[key]:
+        assert getattr(cls(**{name: value}), name) == value

@@ -81,10 +81,10 @@ def test_patchdis_on_coco_instances(small_offline_model, coco_mini, tmp_path):
 
 
 def test_explain_real_image(small_offline_model, coco_mini, tmp_path):
-    from lexvla.interpret.explain import explain
+    from lexvla.interpret.explain import image_report
 
     image = sorted((coco_mini / "train2017").glob("*.jpg"))[0]
-    out = explain(small_offline_model, image, "a dog catches a frisbee in the park", tmp_path)
+    out = image_report(small_offline_model, image, "a dog catches a frisbee in the park", tmp_path)
     assert sum(c for _, c in out["contributions"]) == pytest.approx(out["score"], abs=1e-5)
     print("\n", out["score"], out["contributions"][:5], out["image_words"][:8])
     page = (tmp_path / "index.html").read_text()

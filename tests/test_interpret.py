@@ -13,8 +13,8 @@ from PIL import Image
 from lexvla.errors import LexVLAError
 from lexvla.interpret import grounding as G
 from lexvla.interpret import plots
-from lexvla.interpret.explain import explain
-from lexvla.interpret.lexicon import OTHER_WORDS, explain_score, merge_pieces
+from lexvla.interpret.explain import image_report
+from lexvla.interpret.lexicon import OTHER_WORDS, merge_pieces, score_contributions
 
 WORDS = [f"w{i}" for i in range(40)] + ["dog", "##dog", "##ing", "dogs", "puppies"]
 
@@ -31,10 +31,10 @@ def _variance(path) -> float:
 
 
 @pytest.mark.parametrize(("k", "merge"), [(3, False), (5, True), (100, False), (0, False)])
-def test_explain_score_sums_to_the_score(k, merge):
+def test_score_contributions_sum_to_the_score(k, merge):
     image, text = _sparse(0, 30), _sparse(1, 25)
     score = float(image @ text)
-    parts = explain_score(image, text, WORDS, k, merge=merge)
+    parts = score_contributions(image, text, WORDS, k, merge=merge)
     assert sum(c for _, c in parts) == pytest.approx(score, abs=1e-5)
     shared = int(((image * text) != 0).sum())
     named = [w for w, _ in parts if w != OTHER_WORDS]
@@ -44,18 +44,18 @@ def test_explain_score_sums_to_the_score(k, merge):
     assert values == sorted(values, reverse=True)
 
 
-def test_explain_score_exact_example():
+def test_score_contributions_exact_example():
     image = torch.zeros(len(WORDS))
     text = torch.zeros(len(WORDS))
     image[[0, 1, 40, 41]] = torch.tensor([0.5, 0.1, 0.3, 0.2])
     text[[0, 1, 40, 41]] = torch.tensor([0.2, 0.4, 0.5, 0.5])
-    assert explain_score(image, text, WORDS, 1) == [
+    assert score_contributions(image, text, WORDS, 1) == [
         ("dog", pytest.approx(0.15)),
         (OTHER_WORDS, pytest.approx(0.24)),  # w0 0.1, w1 0.04, ##dog 0.1
     ]
-    assert explain_score(image, text, WORDS, 1, merge=True)[0] == ("dog", pytest.approx(0.25))
+    assert score_contributions(image, text, WORDS, 1, merge=True)[0] == ("dog", pytest.approx(0.25))
     with pytest.raises(ValueError):
-        explain_score(image, text[:3], WORDS, 1)
+        score_contributions(image, text[:3], WORDS, 1)
 
 
 def test_merge_pieces_sums_twins():
@@ -110,11 +110,11 @@ def _assert_self_contained(page: str) -> None:
     assert "<link" not in page and "<script" not in page
 
 
-def test_explain_writes_pngs_and_a_self_contained_page(tiny_model, tmp_path):
+def test_image_report_writes_pngs_and_a_self_contained_page(tiny_model, tmp_path):
     rng = np.random.default_rng(0)
     image_path = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image_path)
-    out = explain(tiny_model, image_path, "a dog & <b>frisbee</b>", tmp_path / "out", k=5)
+    out = image_report(tiny_model, image_path, "a dog & <b>frisbee</b>", tmp_path / "out", k=5)
     assert set(out["files"]) == {
         "image_words",
         "text_words",
@@ -133,15 +133,16 @@ def test_explain_writes_pngs_and_a_self_contained_page(tiny_model, tmp_path):
     assert saved["score"] == pytest.approx(out["score"])
 
 
-def test_explain_without_caption_and_chosen_patches(tiny_model, tmp_path):
+def test_image_report_without_caption_and_chosen_patches(tiny_model, tmp_path):
     image = Image.new("RGB", (40, 40), (200, 30, 60))
-    out = explain(tiny_model, image, None, tmp_path, patches=["0,1", 3])
+    out = image_report(tiny_model, image, None, tmp_path, patches=["0,1", 3])
     assert set(out["files"]) == {"image_words", "patch_words"}
     assert [p["index"] for p in out["patches"]] == [1, 3]
     assert "score" not in out
     _assert_self_contained((tmp_path / "index.html").read_text())
 
 
-def test_explain_builds_a_model_from_its_name(tmp_path):
-    out = explain("tiny", Image.new("RGB", (30, 30), (9, 99, 199)), "a red bus", tmp_path)
+def test_image_report_names_the_model_on_its_page(tiny_model, tmp_path):
+    image = Image.new("RGB", (30, 30), (9, 99, 199))
+    out = image_report(tiny_model, image, "a red bus", tmp_path, model_ref="tiny")
     assert out["model"] == "tiny" and "tiny" in (tmp_path / "index.html").read_text()

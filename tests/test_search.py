@@ -308,7 +308,7 @@ def test_empty_query_gives_no_result(engine):
 def test_explain_matches_the_score(engine):
     query = engine.query_from_text("two people on a beach")
     hit = engine.search(query, k=1)[0]
-    ex = engine.explain(query, hit["doc"], k=5)
+    ex = engine.explain_match(query, hit["doc"], k=5)
     assert ex["score"] == pytest.approx(hit["score"], rel=1e-5)
     assert sum(r["contribution"] for r in ex["words"]) + ex["remainder"] == pytest.approx(
         ex["score"], rel=1e-5
@@ -321,7 +321,7 @@ def test_explain_matches_the_score(engine):
     assert [r["word"] for r in ex["words"]] == [w["word"] for w in hit["words"][:5]]
     assert ex["doc_words"][0]["weight"] >= ex["doc_words"][-1]["weight"]
     with pytest.raises(LexVLAError, match="not in the index"):
-        engine.explain(query, 10)
+        engine.explain_match(query, 10)
 
 
 def test_grounding_is_patch_weights_dot_query(engine, tiny_model):

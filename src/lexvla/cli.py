@@ -81,6 +81,13 @@ SparsifyOption = Annotated[
 ]
 
 
+def _load_model(name: str):  # noqa: ANN202 - a LexVLA, imported lazily to keep `--help` fast
+    """The model a `--model NAME` names, in eval mode: the one place a name becomes a model."""
+    from lexvla.models.factory import create_model
+
+    return create_model(name).eval()
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"lexvla {__version__}")
@@ -174,7 +181,7 @@ def encode(
 
     if (image is None) == (text is None):
         raise LexVLAError("give exactly one of --image PATH or --text TEXT")
-    for word, weight in encode_top_words(model, image=image, text=text, k=top):
+    for word, weight in encode_top_words(_load_model(model), image=image, text=text, k=top):
         console.print(f"{weight:8.4f}  {word}")
 
 
@@ -271,7 +278,7 @@ def eval_retrieval(
     from lexvla.eval.retrieval import retrieval_table, run_retrieval
 
     result = run_retrieval(
-        model,
+        _load_model(model),
         data,
         images=images,
         split=split,
@@ -280,6 +287,7 @@ def eval_retrieval(
         sparsify=_operating_point(sparsify),
         batch_size=batch_size,
         out=out,
+        model_ref=model,
     )
     console.print(retrieval_table(result))
 
@@ -304,7 +312,15 @@ def eval_sparsity(
     from lexvla.eval.sparsity import run_sparsity_curve, sparsity_table
 
     result = run_sparsity_curve(
-        model, data, images=images, split=split, holdout=holdout, limit=limit, out=out, plot=plot
+        _load_model(model),
+        data,
+        images=images,
+        split=split,
+        holdout=holdout,
+        limit=limit,
+        out=out,
+        plot=plot,
+        model_ref=model,
     )
     console.print(sparsity_table(result))
 
@@ -340,7 +356,7 @@ def eval_patchdis(
     from lexvla.eval.patchdis import patchdis_table, run_patchdis
 
     result = run_patchdis(
-        model,
+        _load_model(model),
         data,
         images=images,
         split=split,
@@ -349,6 +365,7 @@ def eval_patchdis(
         overlays=overlays,
         out=out,
         background=background,
+        model_ref=model,
     )
     console.print(patchdis_table(result))
 
@@ -368,7 +385,9 @@ def eval_discoveries(
     """
     from lexvla.eval.discovery import discovery_table, run_false_discoveries
 
-    result = run_false_discoveries(model, data, images=images, split=split, limit=limit, out=out)
+    result = run_false_discoveries(
+        _load_model(model), data, images=images, split=split, limit=limit, out=out, model_ref=model
+    )
     console.print(discovery_table(result))
 
 
@@ -395,11 +414,9 @@ def eval_words(
     --images flickr8k/images --split val --out words.json[/bold]
     """
     from lexvla.eval.words import run_words, words_table
-    from lexvla.models.factory import create_model
 
-    built = create_model(model).eval()
     result = run_words(
-        built,
+        _load_model(model),
         data,
         images=images,
         split=split,
@@ -428,10 +445,9 @@ def explain(
 
     Example: [bold]lexvla explain photo.jpg --text "a dog on the grass" --out explain/[/bold]
     """
-    from lexvla.interpret.explain import explain as explain_image
-    from lexvla.models.factory import create_model
+    from lexvla.interpret.explain import image_report
 
-    result = explain_image(create_model(model).eval(), image, text, out, k=top, model_ref=model)
+    result = image_report(_load_model(model), image, text, out, k=top, model_ref=model)
     console.print(f"wrote {result.get('html', out)}")
 
 
@@ -486,7 +502,7 @@ def encode_corpus_command(
 
     source = images[0] if len(images) == 1 else images
     report = encode_corpus(
-        model,
+        _load_model(model),
         source,
         out,
         batch_size=batch_size,

@@ -99,7 +99,7 @@ class TextConfig(_Checked):
         "v_proj",
         "o_proj",
     )  # linear layers with LoRA
-    dtype: str = "float32"  # dtype of the frozen LLM weights: float32 | bfloat16 | float16
+    dtype: str = "float32"  # dtype of the frozen LLM weights
     # A trained head on the last prompt position's state, before the frozen text codebook: "none" or
     # "mlp" (residual `h + W2·gelu(W1·norm(h))`, W2 zero-initialised so training starts from the LLM's
     # own prediction). With a frozen LLM (use_lora=false) it trains the text side on cached features.
@@ -163,7 +163,7 @@ class ModelConfig(_Checked):
 class LossConfig(_Checked):
     """The training objective: symmetric InfoNCE plus a sparsity penalty."""
 
-    penalty: str = "overuse"  # "overuse" | "overuse-square" | "flops" | "none"
+    penalty: str = "overuse"  # the sparsity penalty (lexvla.losses)
     penalty_weight: float = 1e-3  # lambda, per modality
     penalty_warmup_steps: int = 50  # quadratic warm-up of lambda (SPLADE style)
     # What the penalty reads: "weights" (the L2-normalised vectors) or "activations" (elu+1 before
@@ -209,7 +209,7 @@ class TrainConfig(_Checked):
     weight_decay: float = 0.05  # AdamW decay of weight matrices (not norms, biases, temperature)
     warmup_steps: int = 20  # linear warm-up, then cosine decay to 0 at `steps`
     grad_clip: float = 1.0  # max global gradient norm; 0: off
-    precision: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "fp32"
+    precision: str = "auto"  # autocast of training: "auto" is bf16 on CUDA, else fp32
     grad_checkpointing: bool = (
         False  # recompute LLM activations in backward (with LoRA): memory for time
     )
@@ -217,7 +217,7 @@ class TrainConfig(_Checked):
     # features) and keep it under $LEXVLA_CACHE/features: map-style data in whole tables before the
     # first step, streaming shards on first use.
     cache_features: bool = True
-    feature_cache_dtype: str = "float16"  # storage of cached image features: float16 | float32
+    feature_cache_dtype: str = "float16"  # storage of cached image features
     # Share of each image's patches the trained heads see per step (a random subset, FLIP-style):
     # the fused pool's cost falls in proportion; evaluation always uses every patch.
     patch_keep: float = 1.0
@@ -227,7 +227,7 @@ class TrainConfig(_Checked):
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
     seed: int = 0  # data order, caption choice and dropout are functions of (seed, step)
     device: str = "auto"  # "auto" (the local CUDA device under torchrun, else CPU), "cpu", "cuda:1"
-    distributed: str = "ddp"  # "ddp" | "fsdp"
+    distributed: str = "ddp"  # many processes: DDP, or FSDP2 (shards each LLM layer)
     # A step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; after this many
     # in a row the run stops with an error naming the last finite loss and the last good checkpoint.
     max_nonfinite_steps: int = 5
@@ -488,12 +488,38 @@ RANGES: dict[str, Range] = {
 # "dense" in their results: `lexvla.eval.retrieval.parse_operating_point` is that one mapping.
 SPARSIFY_MODES = ("threshold", "topk", "none")
 
-# String fields that take one of a few values (checked like RANGES, whenever a config is built).
+# String fields that take one of a few values (checked like RANGES, whenever a config is built). The
+# code that acts on a value imports its tuple from here: one list per option.
 INFERENCE_WEIGHTS = ("float32", "bfloat16", "auto", "transformers")
+IMAGE_INFERENCE_DTYPES = ("float32", "bfloat16", "auto")
+TEXT_ENCODERS = ("llm", "bow")
+TEXT_HEADS = ("none", "mlp")
+TEXT_DTYPES = ("float32", "bfloat16", "float16")
+VOCAB_RULES = ("pieces", "word-start", "words")
+POOLING_IMPLS = ("fused", "naive")
+POOL_SEARCH_DTYPES = ("float32", "bfloat16", "auto")
+PENALTIES = ("overuse", "overuse-square", "flops", "l1", "none")
+PENALTY_INPUTS = ("weights", "activations")
+CAPTION_WORDS_ON = ("both", "image")
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+FEATURE_CACHE_DTYPES = ("float16", "float32")
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.vision.inference_dtype": IMAGE_INFERENCE_DTYPES,
+    "model.text.encoder": TEXT_ENCODERS,
+    "model.text.head": TEXT_HEADS,
+    "model.text.dtype": TEXT_DTYPES,
     "model.text.inference_weights": INFERENCE_WEIGHTS,
-    "model.vision.inference_dtype": ("float32", "bfloat16", "auto"),
-    "loss.caption_words_on": ("both", "image"),
+    "model.lexical.vocab_rule": VOCAB_RULES,
+    "model.lexical.pooling": POOLING_IMPLS,
+    "model.lexical.pool_search_dtype": POOL_SEARCH_DTYPES,
+    "model.lexical.sparsify": SPARSIFY_MODES,
+    "loss.penalty": PENALTIES,
+    "loss.penalty_on": PENALTY_INPUTS,
+    "train.precision": TRAIN_PRECISIONS,
+    "train.feature_cache_dtype": FEATURE_CACHE_DTYPES,
+    "train.distributed": DISTRIBUTED_STRATEGIES,
+    "loss.caption_words_on": CAPTION_WORDS_ON,
 }
 
 

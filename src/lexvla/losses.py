@@ -23,11 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lexvla.config import LossConfig
-from lexvla.errors import LexVLAError
 
 logger = logging.getLogger(__name__)
 
-PENALTIES = ("overuse", "overuse-square", "flops", "l1", "none")
 _EPS = 1e-12
 
 
@@ -159,14 +157,6 @@ class LexVLAObjective:
     """
 
     def __init__(self, cfg: LossConfig, max_scale: float = 100.0) -> None:
-        if cfg.penalty_on not in ("weights", "activations"):
-            raise LexVLAError(
-                f"loss.penalty_on {cfg.penalty_on!r} is not known: use 'weights' or 'activations'"
-            )
-        if cfg.penalty not in PENALTIES:
-            raise LexVLAError(
-                f"loss.penalty {cfg.penalty!r} is not known: use one of {', '.join(PENALTIES)}"
-            )
         self.cfg = cfg
         self.max_scale = float(max_scale)
         self.schedule = PenaltySchedule(cfg.penalty_weight, cfg.penalty_warmup_steps)

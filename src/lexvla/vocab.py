@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lexvla.config import VOCAB_RULES
 from lexvla.errors import LexVLAError
 
-RULES = ("pieces", "word-start", "words")
 SENTENCEPIECE_MARKER = "\u2581"  # ▁
 BYTE_LEVEL_MARKER = "\u0120"  # Ġ
 CONTINUATION_PREFIX = "##"
@@ -136,8 +136,10 @@ class LexicalVocabulary:
         cls, token_to_id: Mapping[str, int], rule: str = "pieces"
     ) -> LexicalVocabulary:
         """Filter a tokenizer's `{token: id}` map with `rule` ("pieces", "word-start" or "words")."""
-        if rule not in RULES:
-            raise LexVLAError(f"unknown vocabulary rule {rule!r}: use one of {', '.join(RULES)}")
+        if rule not in VOCAB_RULES:
+            raise LexVLAError(
+                f"unknown vocabulary rule {rule!r}: use one of {', '.join(VOCAB_RULES)}"
+            )
         marker = detect_marker(token_to_id)
         stops = stop_words() if rule == "words" else frozenset()
         kept: list[tuple[int, str]] = []

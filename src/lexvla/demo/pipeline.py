@@ -418,13 +418,13 @@ def _open_index(path: Path) -> Any:
 
 def _look_inside(run: DemoRun, model: Any, data: DemoData) -> None:
     """Word clouds, grounding heatmap and per-word explanation for two held-out images."""
-    from lexvla.interpret.explain import explain
+    from lexvla.interpret.explain import image_report
 
     pages = []
     for sample in _records(data.holdout)[:2]:
         name = Path(getattr(sample, "path", "") or sample.key).stem
         with torch.no_grad():
-            result = explain(
+            result = image_report(
                 model,
                 sample.path or sample.image,
                 sample.captions[0],

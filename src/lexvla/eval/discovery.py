@@ -28,7 +28,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -41,6 +41,9 @@ from lexvla.eval.retrieval import (
     model_operating_point,
 )
 from lexvla.layers.lexical import sparsify_threshold
+
+if TYPE_CHECKING:
+    from lexvla.models.lexvla import LexVLA
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +292,7 @@ def discovery_table(result: dict[str, Any], top: int = 10) -> str:
 
 
 def run_false_discoveries(
-    model: Any,
+    model: LexVLA,
     data: str | Path,
     *,
     images: str | Path | None = None,
@@ -301,33 +304,36 @@ def run_false_discoveries(
     cache_dir: str | Path | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    model_ref: str | None = None,
 ) -> dict[str, Any]:
     """`lexvla eval discovery`: overuse and false discoveries on a data path, JSON report to `out`.
 
     Arguments as :func:`lexvla.eval.retrieval.run_retrieval`; print with :func:`discovery_table`.
     """
-    from lexvla.eval.results import model_info, write_report
-    from lexvla.eval.retrieval import load_captioned_data, resolve_model
+    from lexvla.eval.runs import run_on_captions
 
-    model, ref = resolve_model(model)
-    dataset, data_info = load_captioned_data(data, images=images, split=split, holdout=holdout)
-    pairs = collect_retrieval_data(dataset, limit=limit)
-    result = evaluate_false_discoveries(
-        model,
-        pairs,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        progress=progress,
-        top_frac=top_frac,
-    )
-    if out is not None:
-        data_info.update(limit=limit, fingerprint=pairs.fingerprint())
-        settings = {
-            "top_frac": top_frac,
-            "threshold": result["threshold"],
-            "batch_size": batch_size,
-        }
-        write_report(
-            out, result, model_ref=model_info(model, ref), data=data_info, settings=settings
+    def evaluate(pairs: RetrievalData) -> dict[str, Any]:
+        return evaluate_false_discoveries(
+            model,
+            pairs,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            progress=progress,
+            top_frac=top_frac,
         )
-    return result
+
+    def settings(result: dict[str, Any]) -> dict[str, Any]:
+        return {"top_frac": top_frac, "threshold": result["threshold"], "batch_size": batch_size}
+
+    return run_on_captions(
+        model,
+        data,
+        evaluate,
+        settings,
+        images=images,
+        split=split,
+        holdout=holdout,
+        limit=limit,
+        out=out,
+        model_ref=model_ref,
+    )

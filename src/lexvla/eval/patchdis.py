@@ -32,7 +32,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ from lexvla.eval.retrieval import (
     model_operating_point,
     sparsify_weights,
 )
+
+if TYPE_CHECKING:
+    from lexvla.models.lexvla import LexVLA
 
 logger = logging.getLogger(__name__)
 
@@ -441,7 +444,7 @@ def load_patchdis_data(
 
 
 def run_patchdis(
-    model: Any,
+    model: LexVLA,
     data: str | Path,
     *,
     images: str | Path | None = None,
@@ -455,16 +458,15 @@ def run_patchdis(
     out: str | Path | None = None,
     progress: bool = True,
     background: str = "relative",
+    model_ref: str | None = None,
 ) -> dict[str, Any]:
-    """`lexvla eval patchdis`: build model and data, evaluate, write overlays and the JSON report.
+    """`lexvla eval patchdis`: evaluate `model` on mask data, write overlays and the JSON report.
 
-    `model` is a preset name, a run/checkpoint folder or a model object; `overlays` is the folder
-    for the per-image PNGs. Print the result with :func:`patchdis_table`.
+    `overlays` is the folder for the per-image PNGs; `model_ref` the model's name for the report.
+    Print the result with :func:`patchdis_table`.
     """
-    from lexvla.eval.results import model_info, write_report
-    from lexvla.eval.retrieval import resolve_model
+    from lexvla.eval.runs import write_result
 
-    model, ref = resolve_model(model)
     dataset, class_names = load_patchdis_data(data, images=images, split=split)
     result = evaluate_patchdis(
         model,
@@ -479,18 +481,15 @@ def run_patchdis(
         limit=limit,
         background=background,
     )
-    if out is not None:
-        data_info = {"path": str(data), "images": str(images) if images else None, "limit": limit}
-        settings = {
-            "threshold": result["threshold"],
-            "rule": result["rule"],
-            "sparsify": result["sparsify"],
-            "crop": False,
-            "upsampling": "nearest on pixel centres",
-            "batch_size": batch_size,
-        }
-        data_info["classes"] = len(class_names)
-        write_report(
-            out, result, model_ref=model_info(model, ref), data=data_info, settings=settings
-        )
+    data_info = {"path": str(data), "images": str(images) if images else None, "limit": limit}
+    settings = {
+        "threshold": result["threshold"],
+        "rule": result["rule"],
+        "sparsify": result["sparsify"],
+        "crop": False,
+        "upsampling": "nearest on pixel centres",
+        "batch_size": batch_size,
+    }
+    data_info["classes"] = len(class_names)
+    write_result(out, result, model, model_ref=model_ref, data=data_info, settings=settings)
     return result

@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -40,6 +40,9 @@ from lexvla.errors import LexVLAError
 from lexvla.eval.metrics import retrieval_recall
 from lexvla.eval.results import format_table, model_fingerprint
 from lexvla.layers.lexical import default_threshold, sparsify_threshold, sparsify_topk
+
+if TYPE_CHECKING:
+    from lexvla.models.lexvla import LexVLA
 
 logger = logging.getLogger(__name__)
 
@@ -439,37 +442,8 @@ def retrieval_table(result: dict[str, Any], ks: Sequence[int] | None = None) -> 
 
 
 # ------------------------------------------------------------------------------ CLI entry points
-def resolve_model(model: Any) -> tuple[Any, str]:
-    """(model in eval mode, reference): a preset name / run or checkpoint folder is built here."""
-    if isinstance(model, str | Path):
-        from lexvla.models.factory import create_model
-
-        return create_model(model).eval(), str(model)
-    return model, str(getattr(model, "name_or_path", "") or type(model).__name__)
-
-
-def load_captioned_data(
-    data: str | Path, *, images: str | Path | None = None, split: str = "test", holdout: int = 0
-) -> tuple[Any, dict[str, Any]]:
-    """A captioned dataset from a path (any format `lexvla.data` reads) and its report description.
-
-    Args:
-        data: caption JSON (COCO or Karpathy), CSV/TSV, tar shards, or `synthetic:N`.
-        images: image folder for files with relative paths.
-        split: Karpathy split to evaluate (default "test"; ignored by other formats).
-        holdout: > 0 keeps only the last `holdout` images, the ones `lexvla train` held out.
-    """
-    from lexvla.data.datasets import create_dataset, split_holdout
-
-    dataset = create_dataset(str(data), images_dir=images, split=split)
-    if holdout > 0:
-        dataset = split_holdout(dataset, holdout)[1]
-    info = {"path": str(data), "images": str(images) if images else None, "split": split}
-    return dataset, {**info, "holdout": holdout}
-
-
 def run_retrieval(
-    model: Any,
+    model: LexVLA,
     data: str | Path,
     *,
     images: str | Path | None = None,
@@ -481,30 +455,38 @@ def run_retrieval(
     cache_dir: str | Path | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    model_ref: str | None = None,
 ) -> dict[str, Any]:
-    """`lexvla eval retrieval`: build the model and data, evaluate, write the JSON report to `out`.
+    """`lexvla eval retrieval`: evaluate `model` on a data path, write the JSON report to `out`.
 
-    `model` is a preset name, a run/checkpoint folder or a model object; the other arguments are
-    those of :func:`load_captioned_data` and :func:`evaluate_retrieval`. Print the result with
+    `model_ref` is the model's name for the report; the other arguments are those of
+    :func:`lexvla.eval.runs.run_on_captions` and :func:`evaluate_retrieval`. Print the result with
     :func:`retrieval_table`.
     """
-    from lexvla.eval.results import model_info, write_report
+    from lexvla.eval.runs import run_on_captions
 
-    model, ref = resolve_model(model)
-    dataset, data_info = load_captioned_data(data, images=images, split=split, holdout=holdout)
-    pairs = collect_retrieval_data(dataset, limit=limit)
-    result = evaluate_retrieval(
-        model,
-        pairs,
-        batch_size=batch_size,
-        sparsify=sparsify,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
-    if out is not None:
-        data_info.update(limit=limit, fingerprint=pairs.fingerprint())
-        settings = {"sparsify": result["sparsify"], "batch_size": batch_size, "crop": True}
-        write_report(
-            out, result, model_ref=model_info(model, ref), data=data_info, settings=settings
+    def evaluate(pairs: RetrievalData) -> dict[str, Any]:
+        return evaluate_retrieval(
+            model,
+            pairs,
+            batch_size=batch_size,
+            sparsify=sparsify,
+            cache_dir=cache_dir,
+            progress=progress,
         )
-    return result
+
+    def settings(result: dict[str, Any]) -> dict[str, Any]:
+        return {"sparsify": result["sparsify"], "batch_size": batch_size, "crop": True}
+
+    return run_on_captions(
+        model,
+        data,
+        evaluate,
+        settings,
+        images=images,
+        split=split,
+        holdout=holdout,
+        limit=limit,
+        out=out,
+        model_ref=model_ref,
+    )

@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_OPERATING_POINTS: tuple[OperatingPoint, ...] = (
     "threshold", 13000, 8192, 4096, 2048, 1024, 512, 300, 128, 70, 32, "dense",
 )  # fmt: skip
+
+if TYPE_CHECKING:
+    from lexvla.models.lexvla import LexVLA
 
 
 def quadratic_sparsity(k: float, vocab_size: int) -> float:
@@ -245,7 +248,7 @@ def _point_tag(point: dict[str, Any]) -> str:
 
 
 def run_sparsity_curve(
-    model: Any,
+    model: LexVLA,
     data: str | Path,
     *,
     images: str | Path | None = None,
@@ -258,32 +261,40 @@ def run_sparsity_curve(
     out: str | Path | None = None,
     plot: str | Path | None = None,
     progress: bool = True,
+    model_ref: str | None = None,
 ) -> dict[str, Any]:
     """`lexvla eval sparsity`: the curve of a model on a data path, JSON report to `out`, PNG to `plot`.
 
     Arguments as :func:`lexvla.eval.retrieval.run_retrieval` and :func:`sparsity_curve`; print the
     result with :func:`sparsity_table`.
     """
-    from lexvla.eval.results import model_info, write_report
-    from lexvla.eval.retrieval import load_captioned_data, resolve_model
+    from lexvla.eval.runs import run_on_captions
 
-    model, ref = resolve_model(model)
-    dataset, data_info = load_captioned_data(data, images=images, split=split, holdout=holdout)
-    pairs = collect_retrieval_data(dataset, limit=limit)
     points = list(operating_points)
-    result = sparsity_curve(
-        model,
-        pairs,
-        points,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        progress=progress,
-        plot_path=plot,
-    )
-    if out is not None:
-        data_info.update(limit=limit, fingerprint=pairs.fingerprint())
-        settings = {"operating_points": points, "batch_size": batch_size, "crop": True}
-        write_report(
-            out, result, model_ref=model_info(model, ref), data=data_info, settings=settings
+
+    def evaluate(pairs: RetrievalData) -> dict[str, Any]:
+        return sparsity_curve(
+            model,
+            pairs,
+            points,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            progress=progress,
+            plot_path=plot,
         )
-    return result
+
+    def settings(result: dict[str, Any]) -> dict[str, Any]:
+        return {"operating_points": points, "batch_size": batch_size, "crop": True}
+
+    return run_on_captions(
+        model,
+        data,
+        evaluate,
+        settings,
+        images=images,
+        split=split,
+        holdout=holdout,
+        limit=limit,
+        out=out,
+        model_ref=model_ref,
+    )

@@ -29,7 +29,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,6 +38,10 @@ from lexvla.errors import LexVLAError
 from lexvla.eval.results import format_table
 from lexvla.layers.lexical import sparsify_threshold
 from lexvla.vocab import CONTINUATION_PREFIX, caption_words, fold_groups, fold_word, stop_words
+
+if TYPE_CHECKING:
+    from lexvla.eval.retrieval import RetrievalData
+    from lexvla.models.lexvla import LexVLA
 
 
 def fold_vocabulary(words: Sequence[str]) -> tuple[Tensor, list[str]]:
@@ -353,7 +357,7 @@ def _examples(image_weights: Tensor, data: Any, words: Sequence[str], n: int = 5
 
 
 def run_words(
-    model: Any,
+    model: LexVLA,
     data: str | Path,
     *,
     images: str | Path | None = None,
@@ -368,30 +372,34 @@ def run_words(
     progress: bool = True,
     model_ref: str | None = None,
 ) -> dict[str, Any]:
-    """`lexvla eval words`: word quality of `model` (a LexVLA) on a captioned data file; the JSON
-    report goes to `out`. Print it with :func:`words_table`."""
-    from lexvla.eval.results import model_info, write_report
-    from lexvla.eval.retrieval import collect_retrieval_data, load_captioned_data
+    """`lexvla eval words`: word quality of `model` on a captioned data file; the JSON report goes to
+    `out`, naming the model `model_ref`. Print it with :func:`words_table`."""
+    from lexvla.eval.runs import run_on_captions
 
-    dataset, data_info = load_captioned_data(data, images=images, split=split)
-    pairs = collect_retrieval_data(dataset, limit=limit)
-    result = evaluate_words(
+    def evaluate(pairs: RetrievalData) -> dict[str, Any]:
+        return evaluate_words(
+            model,
+            pairs,
+            k=k,
+            instances=instances,
+            object_k=object_k,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+
+    def settings(result: dict[str, Any]) -> dict[str, Any]:
+        return {"k": k, "object_k": object_k, "batch_size": batch_size}
+
+    return run_on_captions(
         model,
-        pairs,
-        k=k,
-        instances=instances,
-        object_k=object_k,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        progress=progress,
+        data,
+        evaluate,
+        settings,
+        images=images,
+        split=split,
+        limit=limit,
+        out=out,
+        model_ref=model_ref,
+        data_extra={"instances": str(instances or "")},
     )
-    if out is not None:
-        data_info.update(
-            limit=limit, fingerprint=pairs.fingerprint(), instances=str(instances or "")
-        )
-        settings = {"k": k, "object_k": object_k, "batch_size": batch_size}
-        ref = model_ref or type(model).__name__
-        write_report(
-            out, result, model_ref=model_info(model, ref), data=data_info, settings=settings
-        )
-    return result

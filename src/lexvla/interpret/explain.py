@@ -1,6 +1,6 @@
 """`lexvla explain IMAGE [--text CAPTION]`: why the model sees what it sees, in words and pictures.
 
-:func:`explain` encodes one image (resized whole, `crop=False`, so every pixel belongs to a patch and
+:func:`image_report` encodes one image (resized whole, `crop=False`, so every pixel belongs to a patch and
 the heatmap covers the whole picture) and optionally one caption, sparsifies both as at inference (the
 model's default: threshold `1/sqrt(V)`), and writes to `out_dir`:
 
@@ -23,7 +23,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -39,7 +39,10 @@ from lexvla.interpret.grounding import (
     top_patches,
     word_source_patches,
 )
-from lexvla.interpret.lexicon import explain_score, merge_pieces
+from lexvla.interpret.lexicon import merge_pieces, score_contributions
+
+if TYPE_CHECKING:
+    from lexvla.models.lexvla import LexVLA
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +69,8 @@ def _top(weights: torch.Tensor, words: Sequence[str], k: int) -> list[tuple[str,
     return merged[:k]
 
 
-def explain(
-    model: Any,
+def image_report(
+    model: LexVLA,
     image_path: str | Path | Image.Image,
     caption: str | None = None,
     out_dir: str | Path = "explain",
@@ -77,10 +80,10 @@ def explain(
     sparsify: str | None = None,
     model_ref: str | None = None,
 ) -> dict[str, Any]:
-    """Explain what `model` reads in an image (and why it matches `caption`); write PNGs and a page.
+    """The report on what `model` reads in an image (and why it matches `caption`): PNGs and a page.
 
     Args:
-        model: a LexVLA model, or a preset name / run or checkpoint folder to build one from.
+        model: a LexVLA model (in eval mode).
         image_path: the image (path or PIL image).
         caption: optional text to score against the image and ground in it.
         out_dir: folder for the PNGs, `explanation.json` and `index.html` (created).
@@ -95,11 +98,6 @@ def explain(
         `{"image", "caption", "score", "contributions", "image_words", "text_words", "patches",
         "grid", "files": {name: path}, "html": path}`.
     """
-    if isinstance(model, str | Path):
-        from lexvla.models.factory import create_model
-
-        model_ref = model_ref or str(model)
-        model = create_model(model).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image = load_image(image_path)
@@ -146,7 +144,7 @@ def _caption_part(
 ) -> dict[str, Any]:
     """Score, contributions, text cloud, grounding heatmap and contribution chart of the caption."""
     score = float(vec["image"].double() @ vec["text"].double())
-    contributions = explain_score(vec["image"], vec["text"], words, k, merge=True)
+    contributions = score_contributions(vec["image"], vec["text"], words, k, merge=True)
     files["text_words"] = plots.save_word_cloud(vec["text"], words, out / "text_words.png")
     files["grounding"] = plots.save_grounding_heatmap(
         image,

@@ -5,26 +5,27 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lexvla.vocab import display_groups
 
+if TYPE_CHECKING:
+    from lexvla.models.lexvla import LexVLA
+
 
 def encode_top_words(
-    model_ref: str,
+    model: LexVLA,
     *,
     image: str | Path | None = None,
     text: str | None = None,
     k: int = 20,
     merge_pieces: bool = True,
 ) -> list[tuple[str, float]]:
-    """Build the model named by `model_ref`, encode one image or text and return its top words
-    (continuation pieces merged with their words unless `merge_pieces=False`)."""
-    from lexvla.models.factory import create_model
-
-    model = create_model(model_ref).eval()
+    """Encode one image or text with `model` and return its top words (continuation pieces merged
+    with their words unless `merge_pieces=False`)."""
     with torch.inference_mode():
         if image is not None:
             weights = model.encode_image([image]).image_weights[0]
@@ -56,7 +57,7 @@ def _display_groups(words: tuple[str, ...]) -> tuple[list[int], list[str]]:
 OTHER_WORDS = "(other words)"
 
 
-def explain_score(
+def score_contributions(
     image_weights: Tensor,
     text_weights: Tensor,
     words: Sequence[str],
@@ -64,7 +65,7 @@ def explain_score(
     *,
     merge: bool = False,
 ) -> list[tuple[str, float]]:
-    """Per-word explanation of an image-text score `s = Σ_v image[v] · text[v]`.
+    """The per-word contributions to an image-text score `s = Σ_v image[v] · text[v]`.
 
     Args:
         image_weights: (V,) image vector (as scored: usually sparsified).

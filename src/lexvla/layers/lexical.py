@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lexvla.config import POOL_SEARCH_DTYPES, POOLING_IMPLS
+
 
 def lexical_activation(logits: Tensor) -> Tensor:
     """`elu(x) + 1`: strictly positive, monotone, ≈ x + 1 for x > 0 and → 0 for x → -∞."""
@@ -59,9 +61,6 @@ def naive_lexical_max_pool(hidden: Tensor, codebook: Tensor) -> Tensor:
     return patch_logits.max(dim=1).values  # (B, V)
 
 
-_SEARCH_DTYPES = ("float32", "bfloat16", "auto")
-
-
 def native_bf16_matmul(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively on `device` (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
     if device.type == "cuda":
@@ -75,8 +74,10 @@ def native_bf16_matmul(device: torch.device) -> bool:
 def pool_search_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The arg-max search dtype of the fused pool: None (exact, the inputs' dtype) for "float32",
     bf16 for "bfloat16", and for "auto" bf16 where it is native on `device`, else exact."""
-    if name not in _SEARCH_DTYPES:
-        raise ValueError(f"unknown pool search dtype {name!r}: use one of {list(_SEARCH_DTYPES)}")
+    if name not in POOL_SEARCH_DTYPES:
+        raise ValueError(
+            f"unknown pool search dtype {name!r}: use one of {list(POOL_SEARCH_DTYPES)}"
+        )
     if name == "bfloat16" or (name == "auto" and native_bf16_matmul(device)):
         return torch.bfloat16
     return None
@@ -105,7 +106,7 @@ def lexical_max_pool(
         from lexvla.layers.fused_pool import fused_lexical_max_pool
 
         return fused_lexical_max_pool(hidden, codebook, chunk_size, search_dtype=search)
-    raise ValueError(f"unknown pooling impl {impl!r}: use 'fused' or 'naive'")
+    raise ValueError(f"unknown pooling impl {impl!r}: use one of {list(POOLING_IMPLS)}")
 
 
 def default_threshold(vocab_size: int) -> float:

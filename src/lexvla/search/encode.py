@@ -69,7 +69,7 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def encode_corpus(
-    model: LexVLA | str,
+    model: LexVLA,
     images: str | Path | list[str | Path],
     out_dir: str | Path,
     *,
@@ -85,7 +85,7 @@ def encode_corpus(
     """Encode a corpus of images into sparse lexical shard files (idempotent, resumable).
 
     Args:
-        model: a LexVLA model, or a preset / run / checkpoint name to build.
+        model: the LexVLA model to encode with.
         images: a folder of images (chunked by `chunk_size`), a folder of .tar shards, a glob, or a
             list of WebDataset .tar files.
         out_dir: the shard directory (`<shard>.npz` + `<shard>.jsonl`, `manifest.json`, `vocab.json`;
@@ -96,7 +96,8 @@ def encode_corpus(
             torchrun's RANK / WORLD_SIZE, else SLURM's SLURM_PROCID / SLURM_NTASKS, else 0 / 1.
         progress: show a progress bar with images/s.
         max_words: cap on words per image (default `model.cfg.lexical.index_max_words`).
-        model_name: how the index should name the model (default: `model` when it is a string).
+        model_name: how the index should name the model (a preset, run or checkpoint folder), so
+            that `SearchEngine.open` can build it again.
         image_dtype: the backbone's precision, "float32" | "bfloat16" | "auto" (bf16 where native);
             default: the model's `model.vision.inference_dtype`.
 
@@ -106,11 +107,6 @@ def encode_corpus(
     """
     from lexvla.index import shards as shard_files
 
-    if isinstance(model, str | Path):
-        from lexvla.models.factory import create_model
-
-        model_name = model_name or str(model)
-        model = create_model(model)
     if batch_size < 1:
         raise LexVLAError(f"batch_size must be >= 1, got {batch_size}")
     if image_dtype is not None:

@@ -7,7 +7,7 @@
         print(hit["score"], hit["key"], hit["words"][:3])
 
 Every score is the dot product of the query's words and a document's stored words, so it can be read
-word by word (`explain`), and the patches of an image that the query selects can be shown
+word by word (`explain_match`), and the patches of an image that the query selects can be shown
 (`grounding`).
 """
 
@@ -26,7 +26,7 @@ from PIL import Image
 from lexvla.data.transforms import grid_side, load_image
 from lexvla.errors import LexVLAError
 from lexvla.interpret.grounding import text_patch_scores
-from lexvla.interpret.lexicon import OTHER_WORDS, explain_score
+from lexvla.interpret.lexicon import OTHER_WORDS, score_contributions
 from lexvla.search.corpus import read_document_bytes, utf8_text
 from lexvla.search.query import Query
 
@@ -176,8 +176,8 @@ class SearchEngine:
         hits = self.index.search(indices, values, k, explain=explain)
         return [_hit_dict(hit, self.vocab) for hit in hits]
 
-    def explain(self, query: Query, doc: int, k: int = 10) -> dict[str, Any]:
-        """Why `doc` scores what it does: the per-word products, the k largest plus the remainder.
+    def explain_match(self, query: Query, doc: int, k: int = 10) -> dict[str, Any]:
+        """Why `doc` matches `query`: the per-word products, the k largest plus the remainder.
 
         Returns:
             `{"doc", "key", "score", "words": [{"word", "query_weight", "doc_weight",
@@ -190,7 +190,7 @@ class SearchEngine:
         stored = torch.zeros(self.vocab.size)
         stored[torch.from_numpy(doc_ids)] = torch.from_numpy(doc_values)
         q = torch.from_numpy(query.to_dense())
-        parts = explain_score(stored, q, words, k)  # k largest, then ("(other words)", rest)
+        parts = score_contributions(stored, q, words, k)  # k largest, then ("(other words)", rest)
         remainder = parts.pop()[1] if parts and parts[-1][0] == OTHER_WORDS else 0.0
         rows = []
         for word, contribution in parts:

@@ -53,7 +53,7 @@ def run_search(
         text, image: exactly one of them is the query.
         model: preset / run / checkpoint; None uses the model the index records.
         k: number of results.
-        explain: add each hit's per-word explanation (`engine.explain`, what `lexvla search
+        explain: add each hit's per-word explanation (`engine.explain_match`, what `lexvla search
             --explain` prints).
         drop: query words to remove; boost: `word=factor`; add: `word=weight`.
         engine: an already opened engine (then `index`, `milvus` and `model` are ignored).
@@ -73,7 +73,7 @@ def run_search(
     results = engine.search(query, k=k, explain=True)
     if explain:
         for hit in results:
-            hit["explanation"] = engine.explain(query, hit["doc"])
+            hit["explanation"] = engine.explain_match(query, hit["doc"])
     return {
         "query": query.to_dict(),
         "results": results,

@@ -214,7 +214,7 @@ def _add_search_routes(
     async def explain(body: DocQuery) -> dict[str, Any]:
         query = _words_query(engine, body.words)
         _require_doc(engine, body.doc)
-        return await worker(engine.explain, query, body.doc, body.k)
+        return await worker(engine.explain_match, query, body.doc, body.k)
 
     @app.post("/api/grounding")
     async def grounding(body: DocQuery) -> dict[str, Any]:
