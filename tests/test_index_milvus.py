@@ -257,7 +257,7 @@ def test_engine_over_milvus_equals_the_embedded_index(server: str, tiny_model, t
         for steered in (query.copy().drop(word), query.copy().boost(word, 3.0)):
             _same_results(embedded.search(steered, k=10), remote.search(steered, k=10))
         doc = base[-1]["doc"]
-        want, got = embedded.explain(query, doc), remote.explain(query, doc)
+        want, got = embedded.explain_match(query, doc), remote.explain_match(query, doc)
         assert got["words"] == want["words"] and got["score"] == pytest.approx(want["score"])
         assert got["doc_words"] == want["doc_words"] and got["missing"] == want["missing"]
     args = {"text": "a dog", "k": 5, "drop": [], "boost": [f"{word}=2"], "explain": True}
