@@ -70,8 +70,11 @@ def compact_block(path: Path, holdout: Any, root: Path) -> dict[str, Any]:
 def dense_block(cfg: ExperimentConfig, model: LexVLA, holdout: Any, root: Path) -> dict[str, Any]:
     """The dense baseline on the same cached features, batches and steps as the run."""
     batches = BatchSource(cfg.data, cfg.train, processor=model.image_processor)
-    images = image_feature_table(model, batches.train_set, root, progress=False)
-    texts, offsets = text_feature_table(model, batches.train_set, root, progress=False)
+    compute = cfg.train.feature_cache_compute  # the run's own training features
+    images = image_feature_table(model, batches.train_set, root, compute=compute, progress=False)
+    texts, offsets = text_feature_table(
+        model, batches.train_set, root, compute=compute, progress=False
+    )
     batches.use_tables(images, texts, offsets)
     start = time.perf_counter()
     with torch.enable_grad():

@@ -57,9 +57,9 @@ def test_training_ignores_the_inference_dtype(pixels):
 
 
 def test_auto_is_float32_where_bf16_is_not_native(pixels, monkeypatch):
-    import lexvla.models.vision as vision
+    import lexvla.layers.lexical as lexical
 
-    monkeypatch.setattr(vision, "native_bf16_matmul", lambda device: False)
+    monkeypatch.setattr(lexical, "native_bf16_matmul", lambda device: False)
     exact, auto = _model("float32"), _model("auto")
     with torch.no_grad():
         torch.testing.assert_close(
@@ -68,7 +68,7 @@ def test_auto_is_float32_where_bf16_is_not_native(pixels, monkeypatch):
             rtol=0,
             atol=0,
         )
-    monkeypatch.setattr(vision, "native_bf16_matmul", lambda device: True)
+    monkeypatch.setattr(lexical, "native_bf16_matmul", lambda device: True)
     with torch.no_grad():
         assert not torch.equal(
             auto.encode_image(pixels).image_weights, exact.encode_image(pixels).image_weights

@@ -148,7 +148,8 @@ def small_offline() -> ExperimentConfig:
     # words), a learnt scale and offset per modality that start every logit at -5 (sparse at step 0),
     # a sharp temperature (50), the overuse penalty on the activations, a caption-word loss (weight
     # 1) that names what is in the photo, the caption's own words in its text vector (weight 2,
-    # SPLADE-style), and a random quarter of the patches per step (FLIP-style).
+    # SPLADE-style), a random quarter of the patches per step (FLIP-style), and the frozen features
+    # cached in bf16 where the CPU multiplies it natively (about 3x faster caching).
     model = ModelConfig(
         vision=VisionConfig(backbone="offline:dinov2-small"),
         text=TextConfig(
@@ -169,6 +170,7 @@ def small_offline() -> ExperimentConfig:
         codebook_lr=1e-4,
         warmup_steps=20,
         patch_keep=0.25,
+        feature_cache_compute="auto",
         eval_every=600,
         save_every=300,
     )

@@ -7,6 +7,7 @@ activated (B, P, V) tensor is never needed (:func:`lexical_max_pool`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -71,6 +72,19 @@ def native_bf16_matmul(device: torch.device) -> bool:
     return False
 
 
+def wants_bf16(name: str, device: torch.device) -> bool:
+    """Whether a precision choice means bf16 on `device`: "bfloat16", or "auto" where bf16 is native."""
+    return name == "bfloat16" or (name == "auto" and native_bf16_matmul(device))
+
+
+def bf16_autocast(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when the precision choice `name` means bf16 there
+    (:func:`wants_bf16`), else a no-op."""
+    if not wants_bf16(name, device):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def pool_search_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The arg-max search dtype of the fused pool: None (exact, the inputs' dtype) for "float32",
     bf16 for "bfloat16", and for "auto" bf16 where it is native on `device`, else exact."""
@@ -78,9 +92,7 @@ def pool_search_dtype(name: str, device: torch.device) -> torch.dtype | None:
         raise ValueError(
             f"unknown pool search dtype {name!r}: use one of {list(POOL_SEARCH_DTYPES)}"
         )
-    if name == "bfloat16" or (name == "auto" and native_bf16_matmul(device)):
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if wants_bf16(name, device) else None
 
 
 def lexical_max_pool(

@@ -7,9 +7,10 @@ onto the lexical vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -202,6 +203,22 @@ class TextTower(nn.Module):
         if prefix_ids is not None:
             return self._forward_with_prefix(batch, prefix_ids)
         return self._forward_full(batch)
+
+    @contextlib.contextmanager
+    def frozen_inference(self, weights: str) -> Iterator[None]:
+        """For the block: eval mode with `inference_weights` = `weights` ("float32", "bfloat16",
+        "auto"), so a frozen LLM's `forward_features` runs the packed path (feature caching); mode and
+        setting are restored after, and the packed copies made for the block are freed."""
+        was_training, previous, kept = self.training, self.cfg.inference_weights, set(self._packed)
+        self.cfg.inference_weights = weights
+        self.train(False)
+        try:
+            yield
+        finally:
+            self.cfg.inference_weights = previous
+            self.train(was_training)
+            for key in set(self._packed) - kept:
+                del self._packed[key]
 
     def _inference_path(self) -> bool:
         """Whether this forward may run the packed decoder (`inference_weights`): in eval mode, with no

@@ -28,7 +28,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from lexvla.layers.lexical import native_bf16_matmul
+from lexvla.layers.lexical import wants_bf16
 
 
 def supports(decoder: nn.Module) -> bool:
@@ -49,7 +49,7 @@ def supports(decoder: nn.Module) -> bool:
 
 def packed_dtype(weights: str, device: torch.device) -> torch.dtype:
     """The packed weights' dtype for an `inference_weights` choice ("auto": bf16 where native)."""
-    if weights == "bfloat16" or (weights == "auto" and native_bf16_matmul(device)):
+    if wants_bf16(weights, device):
         return torch.bfloat16
     return torch.float32
 

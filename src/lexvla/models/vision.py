@@ -17,10 +17,10 @@ from lexvla.errors import LexVLAError
 from lexvla.layers.adapter import Adapter
 from lexvla.layers.lexical import (
     LogitAffine,
+    bf16_autocast,
     lexical_activation,
     lexical_max_pool,
     lexical_weights,
-    native_bf16_matmul,
 )
 from lexvla.models._quiet import quiet_loading
 
@@ -95,11 +95,9 @@ class VisionTower(nn.Module):
         """bf16 autocast for the backbone and adapter when encoding without gradients and
         `vision.inference_dtype` asks for it ("bfloat16", or "auto" where bf16 is native on `device`);
         otherwise a no-op. The lexical pool opts out (:meth:`pooled_logits` runs in float32)."""
-        name = self.cfg.inference_dtype
-        wanted = name == "bfloat16" or (name == "auto" and native_bf16_matmul(device))
-        if not wanted or torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return bf16_autocast(self.cfg.inference_dtype, device)
 
     def forward_features(self, pixel_values: Tensor) -> Tensor:
         """Backbone patch tokens (CLS and registers dropped): (B, 3, S, S) -> (B, P, Dv)."""

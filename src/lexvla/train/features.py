@@ -8,6 +8,7 @@ does the same in memory for captions when the text tower has nothing to train (n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,9 @@ from torch import Tensor, nn
 
 from lexvla._atomic import atomic_file
 from lexvla._fingerprint import weights_fingerprint
+from lexvla.config import FEATURE_CACHE_COMPUTE
 from lexvla.errors import LexVLAError
+from lexvla.layers.lexical import bf16_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -270,16 +273,20 @@ def image_feature_table(
     *,
     batch_size: int = 32,
     dtype: torch.dtype = torch.float16,
+    compute: str = "float32",
     progress: bool = True,
 ) -> FeatureTable:
     """Frozen backbone patch features of every image of a map-style dataset: rows (N, P, Dv).
 
-    `model` is a LexVLA; the table lives under `root/image-<backbone, preprocessing, data>` and is
-    computed only where it is missing. An undecodable image gets `ok = False`.
+    `model` is a LexVLA; the table lives under `root/image-<backbone, preprocessing, data>` (plus
+    `compute` when not "float32") and is computed only where it is missing. `compute`
+    ("float32", "bfloat16", "auto") is the precision the backbone runs at (`train.feature_cache_compute`).
+    An undecodable image gets `ok = False`.
     """
     vision = model.cfg.vision
     preprocessing = [vision.image_size, vision.resize_size, vision.mean, vision.std]
-    name = module_fingerprint(model.vision.backbone, [preprocessing, dataset_fingerprint(dataset)])
+    key = [preprocessing, dataset_fingerprint(dataset)] + _compute_key(compute)
+    name = module_fingerprint(model.vision.backbone, key)
     device = model.device
     shape: list[tuple[int, ...]] = []
 
@@ -295,10 +302,13 @@ def image_feature_table(
             except LexVLAError as err:
                 logger.warning("skipping unreadable image %s: %s", index, err)
                 ok.append(False)
-        good = [
-            _frozen(model.vision.forward_features, torch.stack(pixels[i : i + batch_size]), device)
-            for i in range(0, len(pixels), batch_size)
-        ]
+        with bf16_autocast(compute, device):
+            good = [
+                _frozen(
+                    model.vision.forward_features, torch.stack(pixels[i : i + batch_size]), device
+                )
+                for i in range(0, len(pixels), batch_size)
+            ]
         if not shape:
             side = model.image_processor.image_size
             probe = (
@@ -324,10 +334,19 @@ def image_feature_table(
 
 
 def text_feature_table(
-    model: Any, dataset: Any, root: Path, *, batch_size: int = 64, progress: bool = True
+    model: Any,
+    dataset: Any,
+    root: Path,
+    *,
+    batch_size: int = 64,
+    compute: str = "float32",
+    progress: bool = True,
 ) -> tuple[FeatureTable, Tensor]:
     """Frozen-LLM features of every caption of a map-style dataset: (table (N_captions, D),
-    offsets (N + 1,)): image i's captions are rows `offsets[i]` to `offsets[i + 1]`."""
+    offsets (N + 1,)): image i's captions are rows `offsets[i]` to `offsets[i + 1]`.
+
+    `compute` other than "float32" runs the LLM's packed inference path with those weights
+    (`TextTower.frozen_inference`) and is part of the table's key."""
     captions: list[str] = []
     offsets = [0]
     for index in range(len(dataset)):
@@ -339,17 +358,20 @@ def text_feature_table(
         text.prompt,
         text.max_caption_tokens,
         hashlib.sha256("\0".join(captions).encode()).hexdigest(),
-    ]
+    ] + _compute_key(compute)
     name = module_fingerprint(model.text.llm, settings)
     device = model.device
 
     def encode(span: range) -> tuple[Tensor, Tensor]:
-        parts = [
-            _frozen(
-                model.text.forward_features, captions[i : min(span.stop, i + batch_size)], device
-            )
-            for i in range(span.start, span.stop, batch_size)
-        ]
+        with _text_precision(model, compute):
+            parts = [
+                _frozen(
+                    model.text.forward_features,
+                    captions[i : min(span.stop, i + batch_size)],
+                    device,
+                )
+                for i in range(span.start, span.stop, batch_size)
+            ]
         return torch.cat(parts), torch.ones(len(span), dtype=torch.bool)
 
     if not captions:
@@ -363,6 +385,24 @@ def text_feature_table(
         progress=_Progress("caching caption features", progress),
     )
     return table, torch.tensor(offsets)
+
+
+def _compute_key(compute: str) -> list[str]:
+    """What `compute` adds to a table's key: nothing for "float32" (the tables made before the
+    option existed stay valid), else its name."""
+    if compute not in FEATURE_CACHE_COMPUTE:
+        raise LexVLAError(
+            f"feature cache compute {compute!r}: use one of {', '.join(FEATURE_CACHE_COMPUTE)}"
+        )
+    return [] if compute == "float32" else [f"compute={compute}"]
+
+
+def _text_precision(model: Any, compute: str) -> contextlib.AbstractContextManager:
+    """The text tower's packed inference path at `compute` for caching; "float32" keeps the
+    training-mode forward the tables were always made with."""
+    if compute == "float32":
+        return contextlib.nullcontext()
+    return model.text.frozen_inference(compute)
 
 
 def _frozen(forward: Callable[[Any], Tensor], inputs: Any, device: torch.device) -> Tensor:

@@ -189,7 +189,8 @@ def _feature_caches(
             raise LexVLAError(
                 f"train.feature_cache_dtype {cfg.train.feature_cache_dtype!r}: use float16 or float32"
             )
-        _build_tables(model, batches, root, vision_frozen, text_frozen, dtype, progress)
+        compute = cfg.train.feature_cache_compute
+        _build_tables(model, batches, root, vision_frozen, text_frozen, dtype, compute, progress)
         return None, None
     image_cache = None
     if vision_frozen:
@@ -211,6 +212,7 @@ def _build_tables(
     images: bool,
     texts: bool,
     dtype: torch.dtype,
+    compute: str,
     progress: bool,
 ) -> None:
     """Rank 0 computes the missing table chunks first; the other ranks then read them."""
@@ -221,12 +223,14 @@ def _build_tables(
         if is_main_process() == (turn == 0):
             dataset = batches.train_set
             image_table = (
-                image_feature_table(model, dataset, root, dtype=dtype, progress=progress)
+                image_feature_table(
+                    model, dataset, root, dtype=dtype, compute=compute, progress=progress
+                )
                 if images
                 else None
             )
             text_table, offsets = (
-                text_feature_table(model, dataset, root, progress=progress)
+                text_feature_table(model, dataset, root, compute=compute, progress=progress)
                 if texts
                 else (None, None)
             )
@@ -432,6 +436,7 @@ def evaluate(t: Trainer) -> dict[str, Any]:
         holdout,
         tables_root=ckpt.feature_cache_root() if use_tables else None,
         dtype=_FEATURE_DTYPES.get(cfg.train.feature_cache_dtype, torch.float16),
+        compute=cfg.train.feature_cache_compute,
         batch_size=cfg.eval.batch_size,
         ks=cfg.eval.recall_ks,
     )

@@ -36,6 +36,7 @@ def validate(
     *,
     tables_root: Path | None = None,
     dtype: torch.dtype = torch.float16,
+    compute: str = "float32",
     batch_size: int = 32,
     ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, Any]:
@@ -46,11 +47,15 @@ def validate(
         holdout: a map-style dataset of validation images with captions.
         tables_root: where frozen-feature tables live; None encodes from pixels and text.
         dtype: storage dtype of the image feature table.
+        compute: precision of the frozen towers when the tables are made (`train.feature_cache_compute`;
+            the trainer validates on features made like its training features).
         batch_size: images per forward of the heads.
         ks: the K of recall@K (the run's `eval.recall_ks`).
     """
     if tables_root is not None:
-        enc, captions = encodings_from_tables(model, holdout, tables_root, dtype, batch_size)
+        enc, captions = encodings_from_tables(
+            model, holdout, tables_root, dtype, batch_size, compute=compute
+        )
     else:
         data = collect_retrieval_data(holdout)
         enc = encode_retrieval_data(model, data, batch_size=batch_size, progress=False)
@@ -78,12 +83,20 @@ def validation_metrics(
 
 
 def encodings_from_tables(
-    model: LexVLA, holdout: Any, root: Path, dtype: torch.dtype, batch_size: int
+    model: LexVLA,
+    holdout: Any,
+    root: Path,
+    dtype: torch.dtype,
+    batch_size: int,
+    *,
+    compute: str = "float32",
 ) -> tuple[Encodings, list[str]]:
     """Dense encodings of the validation set through its frozen-feature tables; images that could
     not be read are left out with their captions."""
-    image_table = image_feature_table(model, holdout, root, dtype=dtype, progress=False)
-    text_table, offsets = text_feature_table(model, holdout, root, progress=False)
+    image_table = image_feature_table(
+        model, holdout, root, dtype=dtype, compute=compute, progress=False
+    )
+    text_table, offsets = text_feature_table(model, holdout, root, compute=compute, progress=False)
     kept = [i for i in range(len(holdout)) if bool(image_table.ok[i])]
     features = image_table.features[kept]
     image_weights = torch.cat(
