@@ -124,3 +124,23 @@ def test_dataset_fingerprint_follows_file_contents_not_paths_or_times(tmp_path, 
     assert key("data/a.jpg", "a cat") != first
     (tmp_path / "data" / "a.jpg").write_bytes(b"xy")
     assert key("data/a.jpg") != first
+
+
+def test_module_fingerprint_does_not_depend_on_the_thread_count():
+    # A parallel sum's last bits follow the number of threads; the cache key must not (a run with
+    # OMP_NUM_THREADS=1 once missed the features a 2-thread run had cached).
+    layer = torch.nn.Linear(2048, 2048)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0)))
+    threads = torch.get_num_threads()
+    try:
+        prints = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            prints.add(module_fingerprint(layer))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(prints) == 1
+    with torch.no_grad():
+        layer.weight[1000, 7] += 1e-3  # one weight, off the strided sample
+    assert module_fingerprint(layer) not in prints

@@ -2,7 +2,8 @@
 
 Two strengths, both 16 hex digits of a sha256:
 
-- cheap (default): per tensor its name, shape, sum and the sum of a strided sample (one pass, about
+- cheap (default): per tensor its name, shape, its sum (float64, on a grid relative to the sum of
+  magnitudes, so the thread count cannot change it) and the bytes of a strided sample (one pass, about
   0.1 s for 160M weights). Any training step changes it; it keys the frozen-feature caches
   (`train.features.module_fingerprint`) and the evaluation encodings (`eval.results.model_fingerprint`).
 - exact: per tensor its name and float32 bytes, so a change of one weight changes it. Corpus folders
@@ -50,6 +51,18 @@ def weights_fingerprint(
             else:
                 flat = tensor.float().flatten()
                 sample = flat[:: max(1, flat.numel() // SAMPLE_POINTS)]
-                stats = (name, tuple(tensor.shape), float(flat.sum()), float(sample.sum()))
+                stats = (name, tuple(tensor.shape), _quantised_sum(flat))
                 digest.update(repr(stats).encode())
+                digest.update(sample.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _quantised_sum(flat: Tensor) -> int:
+    """The sum of a tensor's values on a grid of 2^-40 of the sum of their magnitudes, in float64:
+    the same whatever the number of threads (a parallel sum's order, and so its last bits, depends on
+    it), while any change of a weight by more than about 1e-12 of the magnitudes moves it."""
+    values = flat.double()
+    scale = float(values.abs().sum())
+    if scale == 0.0:
+        return 0
+    return round(float(values.sum()) / scale * 2**40)
