@@ -206,11 +206,19 @@ def _train_flickr8k(r: dict) -> list[str]:
     if "skipped" in r:
         return [r["skipped"]]
     res = r["results"]
-    images, captions = res["feature_caching"]["images"], res["feature_caching"]["captions"]
+    caching = res["feature_caching"]
+    images, captions = caching["images"], caching["captions"]
     lines = [
-        f"caching: {images['images_per_s']:.1f} images/s ({images['count']}), "
-        f"{captions['captions_per_s']:.1f} captions/s ({captions['count']})"
+        f"caching ({caching.get('compute', 'float32')}): {images['images_per_s']:.1f} images/s "
+        f"({images['count']}), {captions['captions_per_s']:.1f} captions/s ({captions['count']})"
     ]
+    if "float32" in caching:
+        ref, err = caching["float32"], caching["relative_error_vs_float32"]
+        lines.append(
+            f"caching (float32): {ref['images']['images_per_s']:.1f} images/s, "
+            f"{ref['captions']['captions_per_s']:.1f} captions/s; features within "
+            f"{err['images']:.1%} / {err['captions']:.1%} of float32"
+        )
     for name, row in res["steps"].items():
         phases = ", ".join(f"{k} {v:.2f}" for k, v in row["phases_median_s"].items())
         lines.append(

@@ -10,8 +10,11 @@ and SmolLM2-135M, text head "mlp", vocabulary "words", batch 32, float16 image f
 - feature caching: `lexvla.train.features.image_feature_table` (decode, preprocess, DINOv2 in batches of
   32, write the float16 table) and `text_feature_table` (every caption of those images through the frozen
   LLM in batches of 64), the functions the trainer runs before its first step, into a temporary cache
-  root so nothing is reused. One untimed DINOv2 forward of one image and one LLM forward of one caption
-  come first, so the rates are steady-state rates (the full run amortises that one-off cost).
+  root so nothing is reused: first in float32, then at the recipe's `train.feature_cache_compute`
+  ("auto": bf16 where native), side by side, with the relative error of the recipe's tables against the
+  float32 ones; the steps then run on the recipe's tables. One untimed DINOv2 forward of one image and
+  one LLM forward of one caption come first, so the rates are steady-state rates (the full run
+  amortises that one-off cost).
 - seconds per step: the trainer's step (`lexvla.train.loop.train_step`: batch from the cached tables,
   heads' forward, caption-word targets, objective, backward, gradient clipping, AdamW, schedule) on a
   `Trainer` holding the cached tables of the subset, patch_keep 0.25 (the recipe) and 1.0 (every patch)
@@ -60,12 +63,15 @@ PHASES = ("batch", "image_adapter", "image_pool", "text_head", "losses", "backwa
 
 MEASURED_BY_FULL_RUN = {
     "what": "`lexvla train --preset small-offline` on all of Flickr8k (train split), measured by the "
-    "lead on this machine class (2 cores), not by this script",
-    "wall_min": 48.3,
-    "image_caching": {"images": 5999, "seconds": 6 * 60 + 26, "images_per_s": 15.5},
-    "caption_caching": {"captions": 29995, "seconds": 14 * 60 + 55, "captions_per_s": 33.5},
+    "lead on this machine class (2 cores, nothing else running), from nothing (no cached features), "
+    "not by this script; features cached at train.feature_cache_compute=auto (bf16)",
+    "date": "2026-12-03",
+    "wall_min": 34.7,
+    "image_caching": {"images": 5999, "seconds": 119, "images_per_s": 50.4},
+    "caption_caching": {"captions": 29995, "seconds": 309, "captions_per_s": 97.1},
     "steps": 1800,
-    "seconds_per_step_approx": 0.8,
+    "seconds_per_step_approx": 0.91,
+    "before": "with float32 caching: 15.5 images/s and 33.5 captions/s (6:26 and 14:55), 48.3 min",
 }
 
 
@@ -91,6 +97,35 @@ class Phases:
         return timed
 
 
+def _cache_tables(model, subset, root: Path, dtype: torch.dtype, compute: str) -> dict[str, Any]:
+    """Both frozen-feature tables of `subset` made at `compute`, timed; "tables" holds them."""
+    from lexvla.train.features import image_feature_table, text_feature_table
+
+    start = time.perf_counter()
+    images = image_feature_table(model, subset, root, dtype=dtype, compute=compute, progress=False)
+    image_s = time.perf_counter() - start
+    start = time.perf_counter()
+    texts, offsets = text_feature_table(model, subset, root, compute=compute, progress=False)
+    text_s = time.perf_counter() - start
+    print(f"caching ({compute}): {len(subset)} images in {image_s:.1f} s = "
+          f"{len(subset) / image_s:.1f} images/s; {len(texts)} captions in {text_s:.1f} s = "
+          f"{len(texts) / text_s:.1f} captions/s", flush=True)  # fmt: skip
+    return {
+        "images": {"count": len(subset), "seconds": image_s, "images_per_s": len(subset) / image_s,
+                   "table_shape": list(images.features.shape),
+                   "table_dtype": str(images.features.dtype)},
+        "captions": {"count": len(texts), "seconds": text_s,
+                     "captions_per_s": len(texts) / text_s,
+                     "table_shape": list(texts.features.shape)},
+        "tables": (images, texts, offsets),
+    }  # fmt: skip
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ over a whole table."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 def build(args: argparse.Namespace, cache_root: Path) -> tuple[Any, dict[str, Any], Phases]:
     """The trainer of the recipe on the subset, with its feature tables cached (and timed)."""
     from lexvla.losses import LexVLAObjective
@@ -98,7 +133,6 @@ def build(args: argparse.Namespace, cache_root: Path) -> tuple[Any, dict[str, An
     from lexvla.presets import get_preset
     from lexvla.train.batches import BatchSource
     from lexvla.train.distributed import DistInfo
-    from lexvla.train.features import image_feature_table, text_feature_table
     from lexvla.train.loop import Trainer, TrainState
     from lexvla.train.optim import create_optimizer, create_scheduler
     from lexvla.train.targets import CaptionWordTargets
@@ -121,25 +155,28 @@ def build(args: argparse.Namespace, cache_root: Path) -> tuple[Any, dict[str, An
         model.vision.forward_features(torch.zeros(1, 3, side, side))
         model.text.forward_features(["a dog runs on the grass"])
     dtype = {"float16": torch.float16, "float32": torch.float32}[cfg.train.feature_cache_dtype]
-    image_s = time.perf_counter()
-    image_table = image_feature_table(model, subset, cache_root, dtype=dtype, progress=False)
-    image_s = time.perf_counter() - image_s
-    text_s = time.perf_counter()
-    text_table, offsets = text_feature_table(model, subset, cache_root, progress=False)
-    text_s = time.perf_counter() - text_s
-    batches.use_tables(image_table, text_table, offsets)
+    compute = cfg.train.feature_cache_compute
+    # The float32 tables first, side by side with the recipe's (`train.feature_cache_compute`).
+    reference = _cache_tables(model, subset, cache_root / "float32", dtype, "float32")
+    recipe = _cache_tables(model, subset, cache_root / compute, dtype, compute)
+    image_table, text_table, offsets = recipe.pop("tables")
+    image_ref, text_ref, _ = reference.pop("tables")
     caching = {
-        "images": {"count": len(subset), "seconds": image_s, "images_per_s": len(subset) / image_s,
-                   "table_shape": list(image_table.features.shape),
-                   "table_dtype": str(image_table.features.dtype)},
-        "captions": {"count": len(text_table), "seconds": text_s,
-                     "captions_per_s": len(text_table) / text_s,
-                     "table_shape": list(text_table.features.shape)},
+        **recipe,
+        "compute": compute,
+        "float32": reference,
+        "speedup_vs_float32": {
+            "images": recipe["images"]["images_per_s"] / reference["images"]["images_per_s"],
+            "captions": recipe["captions"]["captions_per_s"]
+            / reference["captions"]["captions_per_s"],
+        },
+        "relative_error_vs_float32": {
+            "images": _relative_error(image_table.features, image_ref.features),
+            "captions": _relative_error(text_table.features, text_ref.features),
+        },
         "model_build_s": load_s,
-    }  # fmt: skip
-    print(f"caching: {len(subset)} images in {image_s:.1f} s = {len(subset) / image_s:.1f} images/s; "
-          f"{len(text_table)} captions in {text_s:.1f} s = {len(text_table) / text_s:.1f} captions/s",
-          flush=True)  # fmt: skip
+    }
+    batches.use_tables(image_table, text_table, offsets)
 
     model.train()
     optimizer = create_optimizer(model.trainable_parameters(), cfg.train)

@@ -36,7 +36,9 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_bf16_tables_stay_close_to_float32_and_are_kept_apart(frozen_model, dataset, tmp_path):
     model = frozen_model
-    exact_images = image_feature_table(model, dataset, tmp_path, dtype=torch.float32, progress=False)
+    exact_images = image_feature_table(
+        model, dataset, tmp_path, dtype=torch.float32, progress=False
+    )
     exact_texts, offsets = text_feature_table(model, dataset, tmp_path, progress=False)
     fast_images = image_feature_table(
         model, dataset, tmp_path, dtype=torch.float32, compute="bfloat16", progress=False
