@@ -584,6 +584,59 @@ def word_probe_section(results: Path, notes: dict[str, str]) -> list[str]:
     ]
 
 
+def _seed_row(rec: Json) -> dict[str, float]:
+    """The recipe's headline numbers of one run (one seed)."""
+    t, w, dense = rec["trained"], rec["trained"]["words"], rec["dense_baseline"]
+    row = {
+        "image precision@10": w["image_precision"],
+        "text precision@10": w["text_precision"],
+        "active words img": w["active_words"]["image"],
+        "active words txt": w["active_words"]["text"],
+    }
+    for d in DIRECTIONS:
+        arrow = d.replace("image_to_text", "i→t").replace("text_to_image", "t→i")
+        row[f"{arrow} R@10"] = _r(t, d, 10)
+        row[f"{arrow} R@10 dense"] = _r(dense, d, 10)
+        row[f"{arrow} top-300 / threshold (%)"] = 100 * _r(t["at_top_300"], d, 10) / _r(t, d, 10)
+    pd = rec.get("patchdis")
+    if pd:
+        row["PatchDis trained / untrained"] = pd["trained"]["mIoU"] / max(
+            pd["untrained"]["mIoU"], 1e-9
+        )
+    return row
+
+
+def recipe_seeds(results: Path) -> list[str]:
+    """One column per seed of the recipe (flickr8k_recipe.json is seed 0, flickr8k_recipe_seedN.json
+    the others), with the mean and the sample standard deviation."""
+    runs = [("0", results / "flickr8k_recipe.json")]
+    runs += [
+        (p.stem.rsplit("seed", 1)[1], p) for p in sorted(results.glob("flickr8k_recipe_seed*.json"))
+    ]
+    if len(runs) < 2:
+        return []
+    rows_by_seed = [(seed, _seed_row(json.loads(path.read_text()))) for seed, path in runs]
+    names = list(rows_by_seed[0][1])
+    rows = []
+    for name in names:
+        values = [r[name] for _, r in rows_by_seed if name in r]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+        digits = 2 if "PatchDis" in name else 1
+        cells = [f"{r[name]:,.{digits}f}" if name in r else "–" for _, r in rows_by_seed]
+        rows.append([name, *cells, f"{mean:,.{digits}f} ± {std:,.{digits}f}"])
+    header = ["measure", *[f"seed {seed}" for seed, _ in rows_by_seed], "mean ± sd"]
+    return [
+        "### Seeds",
+        "",
+        f"The recipe with `--set train.seed=N` ({len(runs)} runs; seed 0 is the run above), each "
+        "evaluated the same way. The standard deviation is over the seeds (n − 1).",
+        "",
+        table(header, rows),
+        "",
+    ]
+
+
 def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
     path = results / "flickr8k_recipe.json"
     if not path.is_file():
@@ -608,11 +661,15 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
             rec,
             [
                 (
-                    "caption-word loss 0.1 (the previous default)",
+                    "features cached in float32 (the previous default)",
+                    _load_if_file(results / "flickr8k_recipe_float32_cache.json"),
+                ),
+                (
+                    "caption-word loss 0.1 (the default before)",
                     _load_if_file(results / "flickr8k_recipe_caption_words_0.1.json"),
                 ),
                 (
-                    "caption-word loss 0.1, no input words (the default before)",
+                    "caption-word loss 0.1, no input words (the default before that)",
                     _load_if_file(results / "flickr8k_recipe_before_input_words.json"),
                 ),
             ],
@@ -627,6 +684,7 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
         recipe_curve(rec),
         "",
     ]
+    parts += recipe_seeds(results)
     if rec.get("patchdis"):
         parts += [
             "### PatchDis on coco-mini (80 images, relative background rule)",
