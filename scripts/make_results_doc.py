@@ -684,7 +684,10 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
         recipe_curve(rec),
         "",
     ]
-    parts += recipe_seeds(results)
+    seeds = recipe_seeds(results)
+    parts += seeds
+    if seeds and notes.get("seeds"):
+        parts += [notes["seeds"], ""]
     if rec.get("patchdis"):
         parts += [
             "### PatchDis on coco-mini (80 images, relative background rule)",
