@@ -76,6 +76,10 @@ def test_auto_is_float32_where_bf16_is_not_native(frozen_model, dataset, tmp_pat
         model, dataset, tmp_path / "b", dtype=torch.float32, compute="auto", progress=False
     )
     torch.testing.assert_close(auto.features, exact.features, rtol=0, atol=0)
+    # "auto" without native bf16 is float32 itself: it shares the float32 tables.
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {
+        p.name for p in (tmp_path / "b").iterdir()
+    }
 
 
 def test_an_unknown_compute_is_refused(frozen_model, dataset, tmp_path):

@@ -26,7 +26,7 @@ from lexvla._atomic import atomic_file
 from lexvla._fingerprint import weights_fingerprint
 from lexvla.config import FEATURE_CACHE_COMPUTE
 from lexvla.errors import LexVLAError
-from lexvla.layers.lexical import bf16_autocast
+from lexvla.layers.lexical import bf16_autocast, wants_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -278,16 +278,17 @@ def image_feature_table(
 ) -> FeatureTable:
     """Frozen backbone patch features of every image of a map-style dataset: rows (N, P, Dv).
 
-    `model` is a LexVLA; the table lives under `root/image-<backbone, preprocessing, data>` (plus
-    `compute` when not "float32") and is computed only where it is missing. `compute`
-    ("float32", "bfloat16", "auto") is the precision the backbone runs at (`train.feature_cache_compute`).
+    `model` is a LexVLA; the table lives under `root/image-<backbone, preprocessing, data>` (plus the
+    precision when bf16) and is computed only where it is missing. `compute` ("float32", "bfloat16",
+    "auto": bf16 where native) is the precision the backbone runs at (`train.feature_cache_compute`).
     An undecodable image gets `ok = False`.
     """
     vision = model.cfg.vision
     preprocessing = [vision.image_size, vision.resize_size, vision.mean, vision.std]
+    device = model.device
+    compute = _resolve_compute(compute, device)
     key = [preprocessing, dataset_fingerprint(dataset)] + _compute_key(compute)
     name = module_fingerprint(model.vision.backbone, key)
-    device = model.device
     shape: list[tuple[int, ...]] = []
 
     def encode(span: range) -> tuple[Tensor, Tensor]:
@@ -345,8 +346,9 @@ def text_feature_table(
     """Frozen-LLM features of every caption of a map-style dataset: (table (N_captions, D),
     offsets (N + 1,)): image i's captions are rows `offsets[i]` to `offsets[i + 1]`.
 
-    `compute` other than "float32" runs the LLM's packed inference path with those weights
-    (`TextTower.frozen_inference`) and is part of the table's key."""
+    `compute` that means bf16 on the model's device ("bfloat16", or "auto" where bf16 is native) runs
+    the LLM's packed inference path with bf16 weights (`TextTower.frozen_inference`) and is part of
+    the table's key; otherwise the float32 tables are made and shared."""
     captions: list[str] = []
     offsets = [0]
     for index in range(len(dataset)):
@@ -354,13 +356,14 @@ def text_feature_table(
         captions.extend(sample.captions if sample is not None else [])
         offsets.append(len(captions))
     text = model.cfg.text
+    device = model.device
+    compute = _resolve_compute(compute, device)
     settings = [
         text.prompt,
         text.max_caption_tokens,
         hashlib.sha256("\0".join(captions).encode()).hexdigest(),
     ] + _compute_key(compute)
     name = module_fingerprint(model.text.llm, settings)
-    device = model.device
 
     def encode(span: range) -> tuple[Tensor, Tensor]:
         with _text_precision(model, compute):
@@ -387,18 +390,25 @@ def text_feature_table(
     return table, torch.tensor(offsets)
 
 
-def _compute_key(compute: str) -> list[str]:
-    """What `compute` adds to a table's key: nothing for "float32" (the tables made before the
-    option existed stay valid), else its name."""
+def _resolve_compute(compute: str, device: torch.device) -> str:
+    """A `train.feature_cache_compute` choice as what runs on `device`: "bfloat16" or "float32"
+    ("auto" is bf16 only where it is native), so "auto" without native bf16 is exactly float32 and
+    shares its tables."""
     if compute not in FEATURE_CACHE_COMPUTE:
         raise LexVLAError(
             f"feature cache compute {compute!r}: use one of {', '.join(FEATURE_CACHE_COMPUTE)}"
         )
+    return "bfloat16" if wants_bf16(compute, device) else "float32"
+
+
+def _compute_key(compute: str) -> list[str]:
+    """What a resolved compute adds to a table's key: nothing for "float32" (the tables made before
+    the option existed stay valid)."""
     return [] if compute == "float32" else [f"compute={compute}"]
 
 
 def _text_precision(model: Any, compute: str) -> contextlib.AbstractContextManager:
-    """The text tower's packed inference path at `compute` for caching; "float32" keeps the
+    """The text tower's packed inference path in bf16 for caching; "float32" keeps the
     training-mode forward the tables were always made with."""
     if compute == "float32":
         return contextlib.nullcontext()
