@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -170,6 +171,21 @@ def test_index_reader_refuses_or_searches_safely(file_number: int, change, verif
                 index.doc_id(f"d{doc}")
             except LexVLAError:
                 pass
+
+
+@pytest.mark.parametrize("key", ["vocab_sha256", "vocab_size", "num_dense_terms", "files"])
+def test_index_reader_refuses_a_manifest_missing_a_key(tmp_path: Path, key: str) -> None:
+    # Found by the property above: one flipped bit renamed "vocab_sha256" and the reader raised
+    # KeyError instead of refusing the index.
+    with no_fsync():
+        _shards(tmp_path / "lex")
+        build_index(tmp_path / "lex", tmp_path / "index", dense_fraction=0.5)
+    gen = tmp_path / "index" / "generations" / (tmp_path / "index" / "CURRENT").read_text().strip()
+    manifest = json.loads((gen / "manifest.json").read_text())
+    manifest[key + "_"] = manifest.pop(key)
+    (gen / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LexVLAError, match="manifest.json"):
+        SparseIndex.open(tmp_path / "index", verify=False)
 
 
 # ---------------------------------------------------------------------------------- config parser

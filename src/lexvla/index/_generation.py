@@ -381,18 +381,23 @@ def open_generation(path: Path, *, verify: bool = True) -> Generation:
         if arrays[n].dtype == np.float16:
             arrays[n] = arrays[n].view(np.uint16)
     vocab = _io.read_json(path / "vocab.json", what)
-    if (
-        not isinstance(vocab, list)
-        or len(vocab) != m["vocab_size"]
-        or _io.vocab_hash(vocab) != m["vocab_sha256"]
-    ):
+    try:  # the manifest's other fields: a damaged key or value is refused, not a traceback
+        if (
+            not isinstance(vocab, list)
+            or len(vocab) != m["vocab_size"]
+            or _io.vocab_hash(vocab) != m["vocab_sha256"]
+        ):
+            raise LexVLAError(
+                f"{path / 'vocab.json'} does not match the manifest's vocabulary hash: rebuild"
+            )
+        docs_size = m["files"]["docs.jsonl"]["bytes"]
+        _check_structure(path, m, arrays, docs_size)
+        term_slot = np.full(m["vocab_size"], -1, np.int32)
+        term_slot[arrays["dense_terms"]] = np.arange(m["num_dense_terms"], dtype=np.int32)
+    except (KeyError, TypeError, IndexError, ValueError) as err:
         raise LexVLAError(
-            f"{path / 'vocab.json'} does not match the manifest's vocabulary hash: rebuild"
-        )
-    docs_size = m["files"]["docs.jsonl"]["bytes"]
-    _check_structure(path, m, arrays, docs_size)
-    term_slot = np.full(m["vocab_size"], -1, np.int32)
-    term_slot[arrays["dense_terms"]] = np.arange(m["num_dense_terms"], dtype=np.int32)
+            f"{path / 'manifest.json'} is malformed ({err!r}); rebuild the index"
+        ) from None
     docs: bytes | mmap.mmap = b""
     if docs_size:
         with open(path / "docs.jsonl", "rb") as f:
