@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,8 @@ def _load_npz(path: Path, info: ShardInfo, vocab_size: int) -> dict[str, np.ndar
         raise LexVLAError(
             f"{path} is missing (listed in the manifest); re-encode shard {info.name}"
         ) from None
-    except (*_io.NPY_ERRORS, zipfile.BadZipFile) as err:
+    # zipfile raises NotImplementedError for a damaged header's "version" or "compression" field
+    except (*_io.NPY_ERRORS, zipfile.BadZipFile, NotImplementedError, zlib.error) as err:
         raise LexVLAError(
             f"{path} cannot be read ({err}); it is corrupt or holds pickled objects (refused)"
         ) from None
