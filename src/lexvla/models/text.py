@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ from lexvla import assets
 from lexvla.config import LexicalConfig, TextConfig
 from lexvla.data.sample import utf8_text
 from lexvla.errors import LexVLAError
+from lexvla.layers.invariant import rowwise, tiled_linear
 from lexvla.layers.lexical import LogitAffine, lexical_activation
 from lexvla.layers.lora import apply_lora
 from lexvla.models._quiet import quiet_loading
@@ -231,9 +232,10 @@ class TextTower(nn.Module):
         device = self.codebook.device
         K = 0 if prefix_ids is None else len(prefix_ids)
         prefix = None if prefix_ids is None else self._prefix_kv(prefix_ids)
-        hidden = self._packed_decoder()(batch.input_ids[:, K:].to(device), prefix)  # (B, T - K, D)
+        last = (batch.last_index - K).to(device)  # (B,) each row's last real new token
+        hidden = self._packed_decoder()(batch.input_ids[:, K:].to(device), prefix, last + 1)
         rows = torch.arange(hidden.shape[0], device=device)
-        return hidden[rows, (batch.last_index - K).to(device)]  # (B, D)
+        return hidden[rows, last]  # (B, D) from (B, T - K, D)
 
     def _packed_decoder(self) -> PackedDecoder:
         """The packed copy of the LLM's weights for the current `inference_weights` dtype and device.
@@ -345,7 +347,12 @@ class TextTower(nn.Module):
         themselves). `captions` (the B captions of `features`) are needed when that weight is > 0."""
         if self.cfg.encoder == "bow":
             return features.float()
-        activations = lexical_activation(self.logits(features))  # (B, V)
+        logits = self.logits(features)  # (B, V)
+        activations = (
+            lexical_activation(logits)
+            if torch.is_grad_enabled()
+            else rowwise(lexical_activation, logits)  # as when encoded alone: docs in `rowwise`
+        )
         weight = self.cfg.input_words_weight
         if weight == 0:
             return activations
@@ -358,11 +365,16 @@ class TextTower(nn.Module):
         return activations + weight * self.bag_of_words(list(captions))
 
     def logits(self, features: Tensor) -> Tensor:
-        """(B, D) last-position states -> (B, V) lexical logits (head, frozen codebook, affine)."""
+        """(B, D) last-position states -> (B, V) lexical logits (head, frozen codebook, affine).
+
+        Without gradients (encoding, search) the products run in fixed tiles of rows
+        (:func:`~lexvla.layers.invariant.tiled_linear`), so a caption's logits do not depend on the
+        other captions encoded with it: a batched query answers exactly as the same query alone."""
+        linear = F.linear if torch.is_grad_enabled() else tiled_linear
         hidden = features.float()
         if self.head is not None:
-            hidden = self.head(hidden)
-        logits = hidden @ self.codebook.t()  # (B, V)
+            hidden = self.head(hidden, linear)
+        logits = linear(hidden, self.codebook)  # (B, V)
         return self.affine(logits) if self.affine is not None else logits
 
     def forward(self, features: Tensor, captions: Sequence[str] | None = None) -> Tensor:
@@ -386,8 +398,10 @@ class TextHead(nn.Module):
         nn.init.zeros_(self.down.weight)
         nn.init.zeros_(self.down.bias)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return hidden + self.down(F.gelu(self.up(self.norm(hidden))))
+    def forward(self, hidden: Tensor, linear: Callable[..., Tensor] = F.linear) -> Tensor:
+        """`linear(x, weight, bias)` computes the two products (`tiled_linear` in inference)."""
+        up = linear(self.norm(hidden), self.up.weight, self.up.bias)
+        return hidden + linear(F.gelu(up), self.down.weight, self.down.bias)
 
 
 def _cache_argument(decoder: nn.Module) -> str:

@@ -7,8 +7,10 @@ per-projection calls). :class:`PackedDecoder` runs the same arithmetic with less
 - the query/key/value projections and the gate/up projections are concatenated into one matrix each,
   and every weight is packed once for oneDNN (float32, or bfloat16 where the CPU multiplies it
   natively: AVX512-BF16/AMX); the residual stream, norms, rotary embedding and attention stay float32;
-- right padding needs no padding mask: a row's last real token never attends to the padding after it,
-  so one causal mask over (prefix keys + new tokens) serves the whole batch;
+- right padding needs no padding mask: attention runs per group of rows of equal length, each at its
+  own length (causal over its new tokens, everything over the prefix), which is also what makes a
+  row's result independent of the other rows of its batch (with the products' own row-independence:
+  oneDNN's packed float32 products give every row the same bits for any number of rows >= 2);
 - the prompt prefix's keys/values come from the tower's prefix cache (computed by the transformers
   forward in float32), so both paths attend to the same prefix.
 
@@ -71,8 +73,13 @@ class PackedLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        rows = flat.shape[0]
         if self.packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
+            if (
+                rows == 1
+            ):  # one row takes a matrix-vector kernel that rounds differently: pad to two
+                flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")[:rows]
         else:
             out = F.linear(flat, self.weight)
         out = out.float()
@@ -124,18 +131,25 @@ class PackedDecoder:
         self.dtype = dtype
         self.blocks = [_PackedBlock(layer, dtype) for layer in decoder.layers]
 
-    def __call__(self, input_ids: Tensor, prefix: list[tuple[Tensor, Tensor]] | None) -> Tensor:
-        B, T = input_ids.shape
+    def __call__(
+        self,
+        input_ids: Tensor,
+        prefix: list[tuple[Tensor, Tensor]] | None,
+        lengths: Tensor | None = None,
+    ) -> Tensor:
+        """`lengths` (B,): each row's real new tokens (right padding after them); None: all T.
+        Padded positions come out as garbage that no real position has attended to."""
+        T = input_ids.shape[1]
         K = 0 if prefix is None else prefix[0][0].shape[2]
         hidden = self.decoder.embed_tokens(input_ids).float()  # (B, T, D)
         positions = torch.arange(K, K + T, device=input_ids.device)[None]  # (1, T)
         cos, sin = self.decoder.rotary_emb(hidden, positions)  # (1, T, head_dim) each
-        # Causal over the new tokens, everything over the prefix: key j is visible to query i iff
-        # j <= K + i. Right padding comes after each row's last real token, so it is never seen.
-        mask = torch.ones(T, K + T, dtype=torch.bool, device=input_ids.device).tril(K)
+        groups = _length_groups(lengths, T)
         for i, block in enumerate(self.blocks):
             past = None if prefix is None else prefix[i]
-            hidden = hidden + self._attention(block, block.input_norm(hidden), cos, sin, mask, past)
+            hidden = hidden + self._attention(
+                block, block.input_norm(hidden), cos, sin, groups, past
+            )
             gate, up = block.gate_up(block.post_norm(hidden)).chunk(2, dim=-1)
             hidden = hidden + block.down(F.silu(gate) * up)
         return self.decoder.norm(hidden)
@@ -146,7 +160,7 @@ class PackedDecoder:
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        mask: Tensor,
+        groups: list[tuple[Tensor | None, int]],
         past: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
         B, T, _ = x.shape
@@ -155,10 +169,48 @@ class PackedDecoder:
         k = k.view(B, T, -1, block.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         v = v.view(B, T, -1, block.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # cos, sin: (1, T, hd)
-        if past is not None:
-            k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)
-            v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=block.scaling, enable_gqa=True
-        )  # (B, H, T, hd)
+        out = q.new_zeros(q.shape)  # (B, H, T, hd); padded positions stay 0
+        for rows, length in groups:
+            out_rows = _attend(q, k, v, rows, length, past, block.scaling)  # (b, H, length, hd)
+            if rows is None:
+                out[:, :, :length] = out_rows
+            else:
+                out[rows, :, :length] = out_rows
         return block.o(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def _length_groups(lengths: Tensor | None, tokens: int) -> list[tuple[Tensor | None, int]]:
+    """Rows of equal real length, as (row indices or None for all rows, length): attention then runs
+    at each row's own length, the shape it has when the row is encoded alone, so a row's result does
+    not depend on the longest row of its batch (the attention kernel blocks its keys by length)."""
+    if lengths is None:
+        return [(None, tokens)]
+    lengths = lengths.clamp(1, tokens).cpu()
+    distinct = lengths.unique().tolist()
+    if len(distinct) == 1:
+        return [(None, int(distinct[0]))]
+    return [(torch.nonzero(lengths == n).flatten(), int(n)) for n in distinct]
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rows: Tensor | None,
+    length: int,
+    past: tuple[Tensor, Tensor] | None,
+    scaling: float,
+) -> Tensor:
+    """Causal attention of the first `length` new tokens of `rows` (None: all) after the prefix:
+    (b, H, length, hd). Key j is visible to query i iff j <= K + i (everything over the prefix)."""
+    if rows is not None:
+        q, k, v = q[rows], k[rows], v[rows]
+    q, k, v = q[:, :, :length], k[:, :, :length], v[:, :, :length]
+    b, K = q.shape[0], 0 if past is None else past[0].shape[2]
+    if past is not None:
+        k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)
+        v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
+    mask = torch.ones(length, K + length, dtype=torch.bool, device=q.device).tril(K)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True
+    )  # (b, H, length, hd)

@@ -118,8 +118,9 @@ class SearchEngine:
         return self.queries_from_texts([text])[0]
 
     def queries_from_texts(self, texts: list[str]) -> list[Query]:
-        """Encode several texts in one forward of the text branch: one query per text, in order
-        (each equal to its `query_from_text` within float rounding)."""
+        """Encode several texts in one forward of the text branch: one query per text, in order.
+        On the float32 inference path each is bit for bit its `query_from_text` (the text tower is
+        batch-invariant there: tests/test_batch_invariance.py); elsewhere within float rounding."""
         texts = [query_text(text) for text in texts]
         with (
             self._lock,
