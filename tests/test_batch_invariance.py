@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lexvla import create_model
 from lexvla.layers.invariant import rowwise, tiled_linear
 from lexvla.layers.lexical import lexical_activation
+from lexvla.models.text_inference import InferenceProducts
 
 CAPTIONS = [
     "A dog catches a frisbee in the park.",
@@ -42,6 +43,20 @@ def test_tiled_linear_rows_do_not_depend_on_their_batch():
         assert torch.equal(tiled_linear(x, weight)[batch // 2], alone[0])
     with pytest.raises(ValueError, match="tile"):
         tiled_linear(row, weight, tile=0)
+
+
+def test_inference_products_are_the_linear_map_row_independent_and_follow_weight_updates():
+    products = InferenceProducts()
+    weight, bias = torch.randn(2049, 64) * 0.1, torch.randn(2049)
+    x = torch.randn(9, 64)
+    torch.testing.assert_close(products(x, weight, bias), F.linear(x, weight, bias))
+    batched = products(x, weight, bias)
+    assert all(torch.equal(products(x[i : i + 1], weight, bias)[0], batched[i]) for i in range(9))
+    with torch.no_grad():
+        weight.mul_(2.0)  # an in-place update (optimizer step, load_state_dict) repacks
+    torch.testing.assert_close(products(x, weight, bias), F.linear(x, weight, bias))
+    products.clear()
+    torch.testing.assert_close(products(x, weight), F.linear(x, weight))
 
 
 def test_rowwise_is_the_function_and_row_independent():

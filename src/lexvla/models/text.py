@@ -28,11 +28,16 @@ from lexvla import assets
 from lexvla.config import LexicalConfig, TextConfig
 from lexvla.data.sample import utf8_text
 from lexvla.errors import LexVLAError
-from lexvla.layers.invariant import rowwise, tiled_linear
+from lexvla.layers.invariant import rowwise
 from lexvla.layers.lexical import LogitAffine, lexical_activation
 from lexvla.layers.lora import apply_lora
 from lexvla.models._quiet import quiet_loading
-from lexvla.models.text_inference import PackedDecoder, packed_dtype, supports
+from lexvla.models.text_inference import (
+    InferenceProducts,
+    PackedDecoder,
+    packed_dtype,
+    supports,
+)
 from lexvla.vocab import LexicalVocabulary, caption_tokens
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,6 +158,7 @@ class TextTower(nn.Module):
         self._packable = cfg.encoder == "llm" and supports(self._decoder())
         self._packed: dict[tuple, PackedDecoder] = {}  # (dtype, device) -> packed LLM weights
         self._packed_key: tuple | None = None  # the LLM weights' versions the copies were made from
+        self._inference_products = InferenceProducts()  # head and codebook products, packed
 
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's transformer blocks (the units FSDP shards)."""
@@ -367,10 +373,10 @@ class TextTower(nn.Module):
     def logits(self, features: Tensor) -> Tensor:
         """(B, D) last-position states -> (B, V) lexical logits (head, frozen codebook, affine).
 
-        Without gradients (encoding, search) the products run in fixed tiles of rows
-        (:func:`~lexvla.layers.invariant.tiled_linear`), so a caption's logits do not depend on the
-        other captions encoded with it: a batched query answers exactly as the same query alone."""
-        linear = F.linear if torch.is_grad_enabled() else tiled_linear
+        Without gradients (encoding, search) the products are batch-invariant
+        (:class:`~lexvla.models.text_inference.InferenceProducts`), so a caption's logits do not
+        depend on the other captions encoded with it: a batched query answers as the query alone."""
+        linear = F.linear if torch.is_grad_enabled() else self._inference_products
         hidden = features.float()
         if self.head is not None:
             hidden = self.head(hidden, linear)
