@@ -185,6 +185,16 @@ def _text_latency(r: dict) -> list[str]:
                 f"{path} vs transformers: top-20 same set {row['top20_same_set_fraction']:.0%} of "
                 f"{r['inputs']['captions']} captions, max |Δw| {row['max_abs_weight_diff']:.1e}"
             )
+    for path, row in r.get("floor", {}).items():
+        cells = ", ".join(
+            f"{n.replace('threads_', '')} thread(s) products {v['products_ms']:.0f} ms, read "
+            f"{v['weight_read_ms']:.0f} ms ({v['read_gb_per_s']} GB/s)"
+            for n, v in row.items()
+            if n.startswith("threads_")
+        )
+        lines.append(f"floor {path} ({row['weight_mb']} MB of weights): {cells}")
+    if "batch_invariance" in r:
+        lines.append(f"float32 batch invariance: {r['batch_invariance']}")
     return lines
 
 

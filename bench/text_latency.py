@@ -22,6 +22,15 @@ too: with 1 thread it is what the wall clock would be on a quiet machine (time s
 other processes is not in it). Also the time per query in a batch of
 32. The machine is shared: the report records the other processes' CPU use (bench/_common.py).
 
+Floor: for each packed dtype and thread count, the LLM's 120 packed products alone for one query
+(18 rows each, as a COCO caption's new tokens) and one plain read of the same weights (a sum over
+each weight matrix): the read is what the weight traffic alone costs per query on this machine, the
+products' floor.
+
+Batch invariance: the float32 path's weights of each caption encoded alone against the same caption
+inside batches of 8 and of 32 (fraction of captions bit-identical): what lets `lexvla serve` batch
+concurrent queries and still answer each as if it came alone.
+
 Equality: the (N, V) text weights of the first --captions captions through each path against the
 reference: the fraction of captions whose 20 heaviest words are the same set (and the same order),
 the mean overlap of those sets, and the largest weight difference.
@@ -147,6 +156,62 @@ def time_batch(model, texts: list[str], threads: list[int], repeats: int = 3) ->
     return dict(out)
 
 
+# ------------------------------------------------------------------------------ floor
+def _median_ms(run, repeats: int = 9) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def weight_floor(model, threads: list[int], rows: int = 18) -> dict[str, dict[str, object]]:
+    """Per packed dtype: ms of the 120 products alone for one query, ms of one read of the same
+    weights, and that read's GB/s, for each thread count."""
+    text, out = model.text, {}
+    for path in ("float32", "bfloat16"):
+        text.cfg.inference_weights = path
+        try:
+            blocks = text._packed_decoder().blocks
+        finally:
+            text.cfg.inference_weights = "float32"
+        products = [lin for b in blocks for lin in (b.qkv, b.o, b.gate_up, b.down)]
+        inputs = {n: torch.randn(rows, n) for n in {lin.weight.shape[1] for lin in products}}
+        total = sum(lin.weight.numel() * lin.weight.element_size() for lin in products)
+        entry: dict[str, object] = {"weight_mb": round(total / 1e6, 1)}
+        for n in threads:
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                product_ms = _median_ms(
+                    lambda: [lin(inputs[lin.weight.shape[1]]) for lin in products]  # noqa: B023
+                )
+                read_ms = _median_ms(lambda: [lin.weight.sum() for lin in products])  # noqa: B023
+            entry[f"threads_{n}"] = {
+                "products_ms": product_ms,
+                "weight_read_ms": read_ms,
+                "read_gb_per_s": round(total / read_ms / 1e6, 1),
+            }
+        out[path] = entry
+    return out
+
+
+def batch_invariance(model, captions: list[str]) -> dict[str, float]:
+    """Fraction of captions whose float32 weights alone equal, bit for bit, their row in batches."""
+    alone = torch.cat([encode(model, [c], "float32") for c in captions])
+    out = {"captions": len(captions)}
+    for size in (8, 32):
+        batched = torch.cat(
+            [
+                encode(model, captions[i : i + size], "float32")
+                for i in range(0, len(captions), size)
+            ]
+        )
+        out[f"identical_in_batches_of_{size}"] = float((alone == batched).all(1).float().mean())
+    return out
+
+
 # ------------------------------------------------------------------------------ equality
 def compare(model, captions: list[str], batch: int = 32) -> dict[str, dict[str, float]]:
     """Each packed path's weights against the reference's on the same captions."""
@@ -201,6 +266,8 @@ def main() -> None:
               f"{prof['cpu_ms_per_query_by_category']}")  # fmt: skip
     single = time_single(model, captions[: args.queries], args.threads)
     batched = time_batch(model, captions, args.threads)
+    floor = weight_floor(model, args.threads)
+    invariance = batch_invariance(model, captions[: min(args.captions, 128)])
     equality = compare(model, captions[: args.captions])
     best = {p: min(single[p][f"threads_{n}"]["p50_ms"] for n in args.threads) for p in PATHS}
     bf16 = equality["bfloat16"]
@@ -208,6 +275,9 @@ def main() -> None:
         "float32_p50_at_most_30ms": best["float32"] <= TARGETS_MS["float32"],
         "bfloat16_p50_at_most_20ms": best["bfloat16"] <= TARGETS_MS["bfloat16"],
         "float32_top20_equal_all": equality["float32"]["top20_same_set_fraction"] == 1.0,
+        "float32_batch_invariant": all(
+            v == 1.0 for k, v in invariance.items() if k.startswith("identical")
+        ),
         "bfloat16_top20_equal_95pct": bf16["top20_same_set_fraction"] >= 0.95,
         "bfloat16_weights_within_1e-2": bf16["max_abs_weight_diff"] <= 1e-2,
     }
@@ -227,6 +297,8 @@ def main() -> None:
         "profile": profiles,
         "single_query": single,
         "batch_32_ms_per_query": batched,
+        "floor": floor,
+        "batch_invariance": invariance,
         "best_p50_ms": best,
         "equality_vs_reference": equality,
         "targets": targets,
@@ -242,6 +314,8 @@ def main() -> None:
         )
         row += "".join(f"{batched[path][f'threads_{n}']:>9.1f}" for n in args.threads)
         print(f"{path:<14}{row}")  # fmt: skip
+    print("floor (products alone, one read of the weights):", json.dumps(floor, indent=1))
+    print("batch invariance:", json.dumps(invariance))
     print("equality:", json.dumps(equality, indent=1))
     print("targets:", json.dumps(targets))
     busy = report["contention"]["other_processes_cpu_cores"]

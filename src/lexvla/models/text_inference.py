@@ -76,9 +76,7 @@ class PackedLinear:
         flat = x.reshape(-1, x.shape[-1]).to(self.dtype)
         rows = flat.shape[0]
         if self.packed is not None:
-            if (
-                rows == 1
-            ):  # one row takes a matrix-vector kernel that rounds differently: pad to two
+            if rows == 1:  # one row takes a kernel that rounds differently: pad it to two
                 flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")[:rows]
         else:
@@ -196,6 +194,9 @@ class PackedDecoder:
         k = k.view(B, T, -1, block.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         v = v.view(B, T, -1, block.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # cos, sin: (1, T, hd)
+        if groups == [(None, T)]:  # every row has all T tokens (one caption alone, or all equal)
+            out = _attend(q, k, v, None, T, past, block.scaling)
+            return block.o(out.transpose(1, 2).reshape(B, T, -1))
         out = q.new_zeros(q.shape)  # (B, H, T, hd); padded positions stay 0
         for rows, length in groups:
             out_rows = _attend(q, k, v, rows, length, past, block.scaling)  # (b, H, length, hd)
