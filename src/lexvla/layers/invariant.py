@@ -6,7 +6,8 @@ a batch of 16 (measured on MKL: different last bits for M < 16 on one thread, M 
 search server that batches concurrent queries then answers a query slightly differently from the
 same query sent alone. :func:`tiled_linear` always multiplies tiles of exactly `tile` rows (the last
 one padded with zeros), so every row meets the same kernel at the same shape whatever the batch.
-For a weight read from memory (a vocabulary codebook), a 16-row tile costs about what one row does.
+The text tower uses it off the CPU; on a CPU with oneDNN its packed float32 products are
+row-independent by themselves and faster (`models.text_inference.InferenceProducts`).
 
 Element-wise functions have the same trap: a vectorised loop computes the tensor's last few elements
 (those after the last full vector) with scalar code, whose `exp` rounds differently, so the last word

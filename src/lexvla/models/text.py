@@ -405,7 +405,8 @@ class TextHead(nn.Module):
         nn.init.zeros_(self.down.bias)
 
     def forward(self, hidden: Tensor, linear: Callable[..., Tensor] = F.linear) -> Tensor:
-        """`linear(x, weight, bias)` computes the two products (`tiled_linear` in inference)."""
+        """`linear(x, weight, bias)` computes the two products (batch-invariant ones in inference:
+        `TextTower.logits`)."""
         up = linear(self.norm(hidden), self.up.weight, self.up.bias)
         return hidden + linear(F.gelu(up), self.down.weight, self.down.bias)
 
