@@ -53,7 +53,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import lexvla  # noqa: E402
-from _common import Contention, timed_cpu, torch_machine_info, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    Contention,
+    median_time,
+    timed_cpu,
+    torch_machine_info,
+    write_json,
+)
 from lexvla.layers.lexical import native_bf16_matmul  # noqa: E402
 from text_encoding import COCO_CAPTIONS, load_captions  # noqa: E402
 
@@ -158,13 +164,7 @@ def time_batch(model, texts: list[str], threads: list[int], repeats: int = 3) ->
 
 # ------------------------------------------------------------------------------ floor
 def _median_ms(run, repeats: int = 9) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 2)
+    return round(median_time(run, repeats)[0] * 1000, 2)
 
 
 def weight_floor(model, threads: list[int], rows: int = 18) -> dict[str, dict[str, object]]:
