@@ -5,7 +5,9 @@
 
 Both implementations run in this process on the same inputs. For each: one profiled run (which also
 serves as warm-up) measures the peak extra memory, then `--repeats` timed runs give the median time.
-Outputs and gradients are compared with the naive reference. Writes bench/results/lexical_pool.json.
+Outputs and gradients are compared with the naive reference. On the CPU each fused variant also runs
+without the numba kernels of its backward and bf16 re-scoring (`..._torch`: sparse products and
+gathers), on the same inputs. Writes bench/results/lexical_pool.json.
 
 Memory on CPU is measured twice:
 - allocator: `torch.profiler` with `profile_memory=True` records every allocation and free of
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from _common import profiled_memory, torch_machine_info  # noqa: E402
+from lexvla.layers import fused_pool  # noqa: E402
 from lexvla.layers.fused_pool import fused_lexical_max_pool  # noqa: E402
 from lexvla.layers.lexical import naive_lexical_max_pool  # noqa: E402
 
@@ -158,6 +161,20 @@ def compare(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[
     return report
 
 
+def _torch_path(pool: Pool) -> Pool:
+    """`pool` with the fused pool's numba kernels switched off (its torch backward and re-scoring)."""
+
+    def run(hidden: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        kernels = fused_pool._numba_kernels  # the forward's choice holds for its backward
+        fused_pool._numba_kernels = lambda *tensors: None
+        try:
+            return pool(hidden, codebook)
+        finally:
+            fused_pool._numba_kernels = kernels
+
+    return run
+
+
 def bench_all(variants: dict[str, Pool], inputs, repeats: int) -> dict[str, dict]:
     """Memory of each variant (one profiled run, which is also its warm-up), then timed repeats.
 
@@ -199,6 +216,11 @@ def main() -> None:
     parser.add_argument("--no-fast", action="store_true", help="skip the bf16-search variant")
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     parser.add_argument(
+        "--no-torch-path",
+        action="store_true",
+        help="skip the fused variants re-run without the numba kernels (CPU only)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "lexical_pool.json"
     )
     args = parser.parse_args()
@@ -222,6 +244,9 @@ def main() -> None:
         variants[f"fused_bf16search_chunk{args.chunk}"] = lambda h, z: fused_lexical_max_pool(
             h, z, args.chunk, search_dtype=torch.bfloat16
         )
+    if device.type == "cpu" and not args.no_torch_path:  # the same, without the numba kernels
+        for name in [n for n in variants if n.startswith("fused")]:
+            variants[f"{name}_torch"] = _torch_path(variants[name])
     tiny = [torch.randn(2, 4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)]
     for pool in variants.values():  # load BLAS / profiler libraries before measuring anything
         peak_memory(pool, *tiny, torch.randn(2, 16))

@@ -179,3 +179,39 @@ def test_auto_search_dtype_is_bf16_only_where_native(monkeypatch):
         assert lexical.pool_search_dtype("float32", cpu) is None
         assert lexical.pool_search_dtype("bfloat16", cpu) == torch.bfloat16
     assert lexical.native_bf16_matmul(torch.device("meta")) is False
+
+
+@pytest.mark.parametrize("search", [None, torch.bfloat16])
+def test_numba_kernels_match_the_torch_path(monkeypatch, search):
+    """On the CPU in float32 the backward and the bf16 search's re-scoring run as numba loops
+    (`_pool_kernels`); they give the torch path's values and gradients (words with a zero gradient
+    included) on sizes that cover several vocabulary chunks."""
+    pytest.importorskip("numba")
+    from lexvla.layers import fused_pool
+
+    hidden, codebook, grad_out = _inputs(5, 37, 24, 203, seed=11)
+    grad_out[:, :40] = 0.0  # skipped entries must still leave zeros, not stale values
+    calls = []
+    real = fused_pool._numba_kernels
+
+    def counting(*tensors):
+        kernels = real(*tensors)
+        calls.append(kernels is not None)
+        return kernels
+
+    def run():
+        return _value_and_grads(
+            lambda h, z: fused_lexical_max_pool(h, z, 64, search_dtype=search),
+            hidden,
+            codebook,
+            grad_out,
+        )
+
+    monkeypatch.setattr(fused_pool, "_numba_kernels", counting)
+    fast = run()
+    assert calls and all(calls), "the float32 CPU path must use the numba kernels"
+    monkeypatch.setattr(fused_pool, "_numba_kernels", lambda *t: None)
+    reference = run()
+    for name, f, r in zip(("values", "grad_hidden", "grad_codebook"), fast, reference):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.equal(fast[2][:40], torch.zeros(40, 24))  # words with no gradient

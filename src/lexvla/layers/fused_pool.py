@@ -15,6 +15,9 @@ computed per vocabulary chunk as two sparse-dense products (`torch.sparse.mm`, C
 device): a (B·P, chunk) matrix holding `grad_out[b, v]` at (row of patch argmax[b, v], v) times the
 chunk's codebook rows, and its transpose times the (B·P, D) patch features. That is O(B·V·D) work
 instead of the naive O(B·P·V·D) matmuls, and about 2x faster on a CPU than per-image `index_add_`.
+On the CPU in float32 with numba installed, the backward and the exact re-scoring of a bf16 search
+run as loops over (word, image) instead (`_pool_kernels`: the same formulas, ~50x faster than the
+gathers and sparse products, which are bound by memory traffic).
 
 Ties: `torch.max(dim)` documents that it returns the index of the *first* maximal value, and its
 backward routes the gradient to that index. Both paths use `torch.max` over the patch dimension, so
@@ -25,7 +28,9 @@ gradients agree. (`amax` would split the gradient between tied patches; it is no
 from __future__ import annotations
 
 import logging
+from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -75,8 +80,33 @@ def _chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def _recompute_selected(hidden: Tensor, codebook_chunk: Tensor, index: Tensor) -> Tensor:
+def _numba_kernels(*tensors: Tensor) -> ModuleType | None:
+    """The numba kernels (`_pool_kernels`) when every tensor is a CPU float32 one and numba is
+    installed; else None (the torch path below, which is exact too)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return None
+    try:
+        from lexvla.layers import _pool_kernels
+    except ModuleNotFoundError:  # numba is an extra (`index`, `train`): the torch path is exact too
+        return None
+    return _pool_kernels
+
+
+def _as_numpy(tensor: Tensor) -> np.ndarray:
+    return tensor.detach().contiguous().numpy()
+
+
+def _recompute_selected(
+    hidden: Tensor, codebook_chunk: Tensor, index: Tensor, kernels: ModuleType | None
+) -> Tensor:
     """Exact scores of the selected patches: out[b, v] = hidden[b, index[b, v]] · Z[v]. -> (B, c)."""
+    if kernels is not None:
+        out = torch.empty(index.shape, dtype=torch.float32)  # (B, c)
+        chunk = _as_numpy(codebook_chunk)
+        kernels.selected_scores(
+            _as_numpy(hidden), chunk, _as_numpy(index), 0, len(chunk), out.numpy()
+        )
+        return out
     rows = [
         (hidden[b].index_select(0, index[b]) * codebook_chunk).sum(-1)  # (c,)
         for b in range(hidden.shape[0])
@@ -100,6 +130,7 @@ class _FusedLexicalMaxPool(torch.autograd.Function):
         index_dtype = torch.int32 if P <= _INT32_MAX else torch.int64
         argmax = torch.empty(B, V, dtype=index_dtype, device=hidden.device)  # (B, V)
         out: Tensor | None = None
+        kernels = _numba_kernels(hidden, codebook)  # chosen once: the backward follows the forward
         search_hidden = hidden if search_dtype is None else hidden.to(search_dtype)
         for start, stop in _chunks(V, chunk_size):
             chunk = codebook[start:stop]  # (c, D)
@@ -108,7 +139,7 @@ class _FusedLexicalMaxPool(torch.autograd.Function):
             values, index = scores.max(dim=1)  # (B, c): first maximal patch on ties
             del scores
             if search_dtype is not None:
-                values = _recompute_selected(hidden, chunk, index)
+                values = _recompute_selected(hidden, chunk, index, kernels)
             if out is None:
                 out_dtype = (
                     values.dtype if search_dtype is None else torch.result_type(hidden, chunk)
@@ -119,6 +150,7 @@ class _FusedLexicalMaxPool(torch.autograd.Function):
         assert out is not None  # V >= 1 is checked by the matmul shapes
         ctx.save_for_backward(hidden, codebook, argmax)
         ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
+        ctx.kernels = kernels  # type: ignore[attr-defined]
         return out
 
     @staticmethod
@@ -134,6 +166,11 @@ class _FusedLexicalMaxPool(torch.autograd.Function):
         grad_hidden = torch.zeros(B * P, D, dtype=dtype, device=device) if need_hidden else None
         V = codebook.shape[0]
         grad_codebook = torch.empty(V, D, dtype=dtype, device=device) if need_codebook else None
+        kernels = ctx.kernels if _numba_kernels(grad_out) else None  # type: ignore[attr-defined]
+        if kernels is not None:
+            return _numba_backward(
+                kernels, hidden, codebook, argmax, grad_out, need_hidden, need_codebook
+            )
         flat_hidden = hidden.reshape(B * P, D).to(dtype)  # (B·P, D)
         first_row = torch.arange(B, device=device)[:, None] * P  # (B, 1): row of patch 0 per image
         for start, stop in _chunks(V, ctx.chunk_size):  # type: ignore[attr-defined]
@@ -153,6 +190,29 @@ class _FusedLexicalMaxPool(torch.autograd.Function):
         if grad_codebook is not None:
             grad_codebook = grad_codebook.to(codebook.dtype)
         return grad_hidden, grad_codebook, None, None
+
+
+def _numba_backward(
+    kernels: ModuleType,
+    hidden: Tensor,
+    codebook: Tensor,
+    argmax: Tensor,
+    grad_out: Tensor,
+    need_hidden: bool,
+    need_codebook: bool,
+) -> tuple[Tensor | None, Tensor | None, None, None]:
+    """The backward of :class:`_FusedLexicalMaxPool` by the CPU float32 kernels (same formulas)."""
+    V = codebook.shape[0]
+    arrays = _as_numpy(hidden), _as_numpy(codebook), _as_numpy(argmax), _as_numpy(grad_out)
+    hidden_np, codebook_np, argmax_np, grad_np = arrays
+    grad_hidden = grad_codebook = None
+    if need_hidden:
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32)  # (B, P, D)
+        kernels.hidden_grad(codebook_np, argmax_np, grad_np, 0, V, grad_hidden.numpy())
+    if need_codebook:
+        grad_codebook = torch.empty(codebook.shape, dtype=torch.float32)  # (V, D)
+        kernels.codebook_grad(hidden_np, argmax_np, grad_np, 0, V, grad_codebook.numpy())
+    return grad_hidden, grad_codebook, None, None
 
 
 def _coo(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
