@@ -215,3 +215,17 @@ def test_numba_kernels_match_the_torch_path(monkeypatch, search):
     for name, f, r in zip(("values", "grad_hidden", "grad_codebook"), fast, reference):
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     assert torch.equal(fast[2][:40], torch.zeros(40, 24))  # words with no gradient
+
+
+def test_numba_kernels_leave_parameter_storage_resizable():
+    """FSDP frees a gathered parameter by resizing its storage to 0 after use; `Tensor.numpy()`
+    would pin the size for good ("Trying to resize storage that is not resizable")."""
+    pytest.importorskip("numba")
+    hidden, codebook, grad_out = _inputs(2, 9, 8, 30, seed=3)
+    h, z = hidden.requires_grad_(True), codebook.requires_grad_(True)
+    fused_lexical_max_pool(h, z, 16, search_dtype=torch.bfloat16).backward(grad_out)
+    for tensor in (h, z, h.grad, z.grad):
+        storage = tensor.untyped_storage()
+        size = storage.nbytes()
+        storage.resize_(0)
+        storage.resize_(size)

@@ -40,6 +40,36 @@ def test_parameter_groups_exclude_norms_biases_and_temperature(tiny_model):
     assert isinstance(create_optimizer(tiny_model.trainable_parameters(), cfg), torch.optim.AdamW)
 
 
+def test_fused_optimizer_updates_like_the_per_tensor_loop():
+    """create_optimizer takes AdamW's fused kernel on the CPU; three steps of it move every
+    parameter group (decay, no decay, codebook learning rate) as the reference per-tensor loop does."""
+    cfg = TrainConfig(lr=1e-2, codebook_lr=1e-3, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"vision.codebook": (7, 5), "adapter.weight": (5, 4), "adapter.bias": (5,)}
+    start = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    grads = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(3)]
+
+    def run(make):
+        params = {n: torch.nn.Parameter(t.clone()) for n, t in start.items()}
+        optimizer = make(params)
+        for step_grads in grads:
+            for n, p in params.items():
+                p.grad = step_grads[n].clone()
+            optimizer.step()
+        return optimizer, params
+
+    fused, got = run(lambda params: create_optimizer(params, cfg))
+    assert fused.defaults["fused"] is True
+    _, want = run(
+        lambda params: torch.optim.AdamW(
+            parameter_groups(params, cfg), betas=(0.9, 0.98), eps=1e-6, foreach=False
+        )
+    )
+    for name in shapes:
+        assert not torch.equal(got[name], start[name]), name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
+
+
 def test_image_feature_cache_computes_each_image_once(tmp_path):
     calls = []
 

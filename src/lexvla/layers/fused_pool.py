@@ -27,7 +27,9 @@ gradients agree. (`amax` would split the gradient between tied patches; it is no
 
 from __future__ import annotations
 
+import ctypes
 import logging
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -92,8 +94,25 @@ def _numba_kernels(*tensors: Tensor) -> ModuleType | None:
     return _pool_kernels
 
 
-def _as_numpy(tensor: Tensor) -> np.ndarray:
-    return tensor.detach().contiguous().numpy()
+_CTYPES = {torch.float32: ctypes.c_float, torch.int32: ctypes.c_int32, torch.int64: ctypes.c_int64}
+
+
+def _numpy_view(tensor: Tensor) -> np.ndarray:
+    """A NumPy view of a contiguous CPU tensor's memory that leaves its storage resizable
+    (`Tensor.numpy()` pins the storage's size for good, which FSDP's freeing of gathered parameters
+    then fails on). The caller keeps `tensor` alive while the view is in use."""
+    if not tensor.is_contiguous():
+        raise ValueError("_numpy_view needs a contiguous tensor")
+    if tensor.numel() == 0:
+        return np.empty(tuple(tensor.shape), dtype=np.dtype(_CTYPES[tensor.dtype]))
+    buffer = (_CTYPES[tensor.dtype] * tensor.numel()).from_address(tensor.data_ptr())
+    return np.ctypeslib.as_array(buffer).reshape(tuple(tensor.shape))
+
+
+def _run_kernel(kernel: Callable[..., None], *args: Tensor | int) -> None:
+    """`kernel` on NumPy views of the tensors among `args` (made contiguous; held until it returns)."""
+    held = [a.detach().contiguous() if isinstance(a, Tensor) else a for a in args]
+    kernel(*[_numpy_view(a) if isinstance(a, Tensor) else a for a in held])
 
 
 def _recompute_selected(
@@ -102,10 +121,7 @@ def _recompute_selected(
     """Exact scores of the selected patches: out[b, v] = hidden[b, index[b, v]] · Z[v]. -> (B, c)."""
     if kernels is not None:
         out = torch.empty(index.shape, dtype=torch.float32)  # (B, c)
-        chunk = _as_numpy(codebook_chunk)
-        kernels.selected_scores(
-            _as_numpy(hidden), chunk, _as_numpy(index), 0, len(chunk), out.numpy()
-        )
+        _run_kernel(kernels.selected_scores, hidden, codebook_chunk, index, 0, index.shape[1], out)
         return out
     rows = [
         (hidden[b].index_select(0, index[b]) * codebook_chunk).sum(-1)  # (c,)
@@ -203,15 +219,13 @@ def _numba_backward(
 ) -> tuple[Tensor | None, Tensor | None, None, None]:
     """The backward of :class:`_FusedLexicalMaxPool` by the CPU float32 kernels (same formulas)."""
     V = codebook.shape[0]
-    arrays = _as_numpy(hidden), _as_numpy(codebook), _as_numpy(argmax), _as_numpy(grad_out)
-    hidden_np, codebook_np, argmax_np, grad_np = arrays
     grad_hidden = grad_codebook = None
     if need_hidden:
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32)  # (B, P, D)
-        kernels.hidden_grad(codebook_np, argmax_np, grad_np, 0, V, grad_hidden.numpy())
+        _run_kernel(kernels.hidden_grad, codebook, argmax, grad_out, 0, V, grad_hidden)
     if need_codebook:
         grad_codebook = torch.empty(codebook.shape, dtype=torch.float32)  # (V, D)
-        kernels.codebook_grad(hidden_np, argmax_np, grad_np, 0, V, grad_codebook.numpy())
+        _run_kernel(kernels.codebook_grad, hidden, argmax, grad_out, 0, V, grad_codebook)
     return grad_hidden, grad_codebook, None, None
 
 
