@@ -614,7 +614,8 @@ def recipe_seeds(results: Path) -> list[str]:
     `SEEDED_RECIPE`_seedN.json the others), with the mean and the sample standard deviation."""
     runs = [("0", results / f"{SEEDED_RECIPE}.json")]
     runs += [
-        (p.stem.rsplit("seed", 1)[1], p) for p in sorted(results.glob(f"{SEEDED_RECIPE}_seed*.json"))
+        (p.stem.rsplit("seed", 1)[1], p)
+        for p in sorted(results.glob(f"{SEEDED_RECIPE}_seed*.json"))
     ]
     if len(runs) < 2:
         return []
