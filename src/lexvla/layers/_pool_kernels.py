@@ -25,11 +25,11 @@ from numba import njit
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def selected_scores(hidden, codebook, argmax, start, stop, out):  # noqa: ANN001, ANN201
-    """out[b, v] = hidden[b, argmax[b, v]] · codebook[v] for v in [start, stop)."""
+def selected_scores(hidden, codebook, argmax, out):  # noqa: ANN001, ANN201
+    """out[b, v] = hidden[b, argmax[b, v]] · codebook[v] for every word v of `codebook`."""
     batch = hidden.shape[0]
-    dim = codebook.shape[1]
-    for v in range(start, stop):
+    words, dim = codebook.shape
+    for v in range(words):
         for b in range(batch):
             row = hidden[b, argmax[b, v]]
             acc = np.float32(0.0)
@@ -39,11 +39,11 @@ def selected_scores(hidden, codebook, argmax, start, stop, out):  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def codebook_grad(hidden, argmax, grad_out, start, stop, grad_codebook):  # noqa: ANN001, ANN201
-    """grad_codebook[v] = Σ_b grad_out[b, v] · hidden[b, argmax[b, v]] for v in [start, stop)."""
+def codebook_grad(hidden, argmax, grad_out, grad_codebook):  # noqa: ANN001, ANN201
+    """grad_codebook[v] = Σ_b grad_out[b, v] · hidden[b, argmax[b, v]] for every word v."""
     batch = hidden.shape[0]
-    dim = hidden.shape[2]
-    for v in range(start, stop):
+    words, dim = grad_codebook.shape
+    for v in range(words):
         for d in range(dim):
             grad_codebook[v, d] = 0.0
         for b in range(batch):
@@ -56,11 +56,11 @@ def codebook_grad(hidden, argmax, grad_out, start, stop, grad_codebook):  # noqa
 
 
 @njit(nogil=True, cache=True)
-def hidden_grad(codebook, argmax, grad_out, start, stop, grad_hidden):  # noqa: ANN001, ANN201
-    """grad_hidden[b, argmax[b, v]] += grad_out[b, v] · codebook[v] for v in [start, stop)."""
+def hidden_grad(codebook, argmax, grad_out, grad_hidden):  # noqa: ANN001, ANN201
+    """grad_hidden[b, argmax[b, v]] += grad_out[b, v] · codebook[v] for every word v."""
     batch = grad_out.shape[0]
-    dim = codebook.shape[1]
-    for v in range(start, stop):
+    words, dim = codebook.shape
+    for v in range(words):
         for b in range(batch):
             g = grad_out[b, v]
             if g == 0.0:

@@ -109,10 +109,11 @@ def _numpy_view(tensor: Tensor) -> np.ndarray:
     return np.ctypeslib.as_array(buffer).reshape(tuple(tensor.shape))
 
 
-def _run_kernel(kernel: Callable[..., None], *args: Tensor | int) -> None:
-    """`kernel` on NumPy views of the tensors among `args` (made contiguous; held until it returns)."""
-    held = [a.detach().contiguous() if isinstance(a, Tensor) else a for a in args]
-    kernel(*[_numpy_view(a) if isinstance(a, Tensor) else a for a in held])
+def _run_kernel(kernel: Callable[..., None], *tensors: Tensor) -> None:
+    """`kernel` on NumPy views of `tensors` (made contiguous, held until it returns; the outputs
+    among them are fresh contiguous tensors, so the kernel writes into them)."""
+    held = [t.detach().contiguous() for t in tensors]
+    kernel(*[_numpy_view(t) for t in held])
 
 
 def _recompute_selected(
@@ -121,7 +122,7 @@ def _recompute_selected(
     """Exact scores of the selected patches: out[b, v] = hidden[b, index[b, v]] · Z[v]. -> (B, c)."""
     if kernels is not None:
         out = torch.empty(index.shape, dtype=torch.float32)  # (B, c)
-        _run_kernel(kernels.selected_scores, hidden, codebook_chunk, index, 0, index.shape[1], out)
+        _run_kernel(kernels.selected_scores, hidden, codebook_chunk, index, out)
         return out
     rows = [
         (hidden[b].index_select(0, index[b]) * codebook_chunk).sum(-1)  # (c,)
@@ -218,14 +219,13 @@ def _numba_backward(
     need_codebook: bool,
 ) -> tuple[Tensor | None, Tensor | None, None, None]:
     """The backward of :class:`_FusedLexicalMaxPool` by the CPU float32 kernels (same formulas)."""
-    V = codebook.shape[0]
     grad_hidden = grad_codebook = None
     if need_hidden:
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32)  # (B, P, D)
-        _run_kernel(kernels.hidden_grad, codebook, argmax, grad_out, 0, V, grad_hidden)
+        _run_kernel(kernels.hidden_grad, codebook, argmax, grad_out, grad_hidden)
     if need_codebook:
         grad_codebook = torch.empty(codebook.shape, dtype=torch.float32)  # (V, D)
-        _run_kernel(kernels.codebook_grad, hidden, argmax, grad_out, 0, V, grad_codebook)
+        _run_kernel(kernels.codebook_grad, hidden, argmax, grad_out, grad_codebook)
     return grad_hidden, grad_codebook, None, None
 
 
