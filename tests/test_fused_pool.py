@@ -229,3 +229,45 @@ def test_numba_kernels_leave_parameter_storage_resizable():
         size = storage.nbytes()
         storage.resize_(0)
         storage.resize_(size)
+
+
+def test_bf16_search_argmax_kernel_equals_torch_max():
+    """The bf16 search's arg-max loop (`first_max_index_bf16`, integer compares of the bf16 bits)
+    picks torch.max's patch: the first maximal one, over negatives, infinities and many exact ties."""
+    pytest.importorskip("numba")
+    from lexvla.layers import _pool_kernels
+    from lexvla.layers.fused_pool import _run_kernel
+
+    gen = torch.Generator().manual_seed(5)
+    scores = (torch.randn(6, 33, 300, generator=gen) * 4).round().bfloat16()  # few levels: ties
+    scores[0, 7, :50] = float("inf")
+    scores[1, :, :50] = float("-inf")  # every patch -inf: the first
+    scores[2] = -scores[2].abs() - 1  # all negative
+    index = torch.empty(6, 300, dtype=torch.int32)
+    _run_kernel(_pool_kernels.first_max_index_bf16, scores.view(torch.int16), index)
+    assert torch.equal(index.long(), scores.max(dim=1).indices)
+
+
+def test_numba_backward_threads_agree():
+    """The kernels split the words between threads; one and two threads give the same gradients
+    (up to float32 summation order), and each thread count repeats its result exactly."""
+    pytest.importorskip("numba")
+    from lexvla.layers import _pool_kernels
+
+    hidden, codebook, grad_out = _inputs(4, 16, 8, 301, seed=2)
+    results, before = {}, torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)  # the kernels follow torch's thread count
+            for repeat in range(2):
+                results[threads, repeat] = _value_and_grads(
+                    lambda h, z: fused_lexical_max_pool(h, z, 128), hidden, codebook, grad_out
+                )
+    finally:
+        torch.set_num_threads(before)
+    for threads in (1, 2):
+        for a, b in zip(results[threads, 0], results[threads, 1]):
+            assert torch.equal(a, b)
+    for a, b in zip(results[1, 0], results[2, 0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert _pool_kernels.use_threads(1) == 1

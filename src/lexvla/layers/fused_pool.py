@@ -91,10 +91,16 @@ def _numba_kernels(*tensors: Tensor) -> ModuleType | None:
         from lexvla.layers import _pool_kernels
     except ModuleNotFoundError:  # numba is an extra (`index`, `train`): the torch path is exact too
         return None
+    _pool_kernels.use_threads(torch.get_num_threads())
     return _pool_kernels
 
 
-_CTYPES = {torch.float32: ctypes.c_float, torch.int32: ctypes.c_int32, torch.int64: ctypes.c_int64}
+_CTYPES = {
+    torch.float32: ctypes.c_float,
+    torch.int16: ctypes.c_int16,
+    torch.int32: ctypes.c_int32,
+    torch.int64: ctypes.c_int64,
+}
 
 
 def _numpy_view(tensor: Tensor) -> np.ndarray:
@@ -131,6 +137,15 @@ def _recompute_selected(
     return torch.stack(rows)  # (B, c)
 
 
+def _first_max_index(scores: Tensor, kernels: ModuleType | None) -> Tensor:
+    """The first maximal patch of every (image, word) of (B, P, c) search scores. -> (B, c)."""
+    if kernels is None or scores.dtype != torch.bfloat16 or scores.shape[1] > _INT32_MAX:
+        return scores.max(dim=1).indices
+    index = torch.empty(scores.shape[0], scores.shape[2], dtype=torch.int32)  # (B, c)
+    _run_kernel(kernels.first_max_index_bf16, scores.view(torch.int16), index)
+    return index
+
+
 class _FusedLexicalMaxPool(torch.autograd.Function):
     """Autograd function behind :func:`fused_lexical_max_pool`."""
 
@@ -153,10 +168,13 @@ class _FusedLexicalMaxPool(torch.autograd.Function):
             chunk = codebook[start:stop]  # (c, D)
             search_chunk = chunk if search_dtype is None else chunk.to(search_dtype)
             scores = torch.matmul(search_hidden, search_chunk.t())  # (B, P, c)
-            values, index = scores.max(dim=1)  # (B, c): first maximal patch on ties
-            del scores
             if search_dtype is not None:
+                index = _first_max_index(scores, kernels)  # (B, c): first maximal patch on ties
+                del scores
                 values = _recompute_selected(hidden, chunk, index, kernels)
+            else:
+                values, index = scores.max(dim=1)  # (B, c): first maximal patch on ties
+                del scores
             if out is None:
                 out_dtype = (
                     values.dtype if search_dtype is None else torch.result_type(hidden, chunk)
@@ -222,7 +240,9 @@ def _numba_backward(
     grad_hidden = grad_codebook = None
     if need_hidden:
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32)  # (B, P, D)
-        _run_kernel(kernels.hidden_grad, codebook, argmax, grad_out, grad_hidden)
+        threads = kernels.use_threads(torch.get_num_threads())
+        partial = torch.zeros(threads, *hidden.shape, dtype=torch.float32)  # (T, B, P, D)
+        _run_kernel(kernels.hidden_grad, codebook, argmax, grad_out, partial, grad_hidden)
     if need_codebook:
         grad_codebook = torch.empty(codebook.shape, dtype=torch.float32)  # (V, D)
         _run_kernel(kernels.codebook_grad, hidden, argmax, grad_out, grad_codebook)
