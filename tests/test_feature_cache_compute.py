@@ -87,3 +87,17 @@ def test_an_unknown_compute_is_refused(frozen_model, dataset, tmp_path):
         TrainConfig(feature_cache_compute="int8")
     with pytest.raises(LexVLAError, match="feature cache compute 'int8'"):
         text_feature_table(frozen_model, dataset, tmp_path, compute="int8", progress=False)
+
+
+def test_caption_rows_stay_in_dataset_order_when_batched_by_length(frozen_model, dataset, tmp_path):
+    """The table encodes captions in batches of near-equal prompt length (less padding); row i is
+    still caption i: equal to that caption encoded alone."""
+    model = frozen_model
+    table, offsets = text_feature_table(model, dataset, tmp_path, batch_size=2, progress=False)
+    captions = [c for i in range(len(dataset)) for c in dataset[i].captions]
+    lengths = model.text.prompt_lengths(captions)
+    assert lengths != sorted(lengths)  # dataset order is not length order: the sort does something
+    assert len(table.features) == len(captions) == int(offsets[-1])
+    with torch.no_grad():
+        alone = torch.cat([model.text.forward_features([c]) for c in captions])
+    torch.testing.assert_close(table.features, alone, rtol=1e-4, atol=1e-5)

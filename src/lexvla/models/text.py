@@ -183,6 +183,12 @@ class TextTower(nn.Module):
             attention_mask[b, : len(row)] = 1
         return TokenizedPrompts(input_ids, attention_mask, attention_mask.sum(1) - 1)
 
+    def prompt_lengths(self, captions: list[str]) -> list[int]:
+        """Tokens of each caption's full prompt (what `tokenize` pads to the longest of a batch)."""
+        return [
+            len(self.tokenizer(self.prompt_for(c, i))["input_ids"]) for i, c in enumerate(captions)
+        ]
+
     def prompt_for(self, caption: str, index: int = 0) -> str:
         """The full prompt text of one caption (cleaned, truncated to `max_caption_tokens` tokens)."""
         text = clean_caption(caption, index)

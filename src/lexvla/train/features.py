@@ -366,16 +366,22 @@ def text_feature_table(
     name = module_fingerprint(model.text.llm, settings)
 
     def encode(span: range) -> tuple[Tensor, Tensor]:
+        # Batches of captions of near-equal length: a batch is padded to its longest prompt, which in
+        # dataset order costs Flickr8k 1.66x the real tokens, sorted 1.03x.
+        lengths = model.text.prompt_lengths(captions[span.start : span.stop])
+        order = sorted(range(len(span)), key=lengths.__getitem__)
         with _text_precision(model, compute):
             parts = [
                 _frozen(
                     model.text.forward_features,
-                    captions[i : min(span.stop, i + batch_size)],
+                    [captions[span.start + i] for i in order[j : j + batch_size]],
                     device,
                 )
-                for i in range(span.start, span.stop, batch_size)
+                for j in range(0, len(order), batch_size)
             ]
-        return torch.cat(parts), torch.ones(len(span), dtype=torch.bool)
+        rows = parts[0].new_empty(len(span), *parts[0].shape[1:])  # (n, D) in dataset order
+        rows[torch.tensor(order)] = torch.cat(parts)
+        return rows, torch.ones(len(span), dtype=torch.bool)
 
     if not captions:
         raise LexVLAError("the training data has no caption")
