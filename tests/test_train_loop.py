@@ -221,8 +221,10 @@ def test_precomputed_feature_tables_train_exactly_like_pixels(tmp_path, monkeypa
     assert tables == ["image", "text"]
     expected, got = _metrics(tmp_path / "pixels"), _metrics(tmp_path / "tables")
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in expected], rel=1e-5)
+    # Up to float32 rounding: a caption's features depend on how its batch is padded (training
+    # batches of 8 here, the table's batches of 64 of near-equal length there).
     for name, value in _weights(tmp_path / "pixels").items():
-        torch.testing.assert_close(_weights(tmp_path / "tables")[name], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(_weights(tmp_path / "tables")[name], value, rtol=1e-4, atol=1e-5)
 
 
 def test_feature_table_resumes_from_its_chunks_and_reads_a_second_time(tmp_path):
