@@ -9,8 +9,7 @@ import contextlib
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface, Dinov2Config, Dinov2Model
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import Dinov2Config, Dinov2Model
 
 from lexvla import assets
 from lexvla.config import LexicalConfig, VisionConfig
@@ -25,49 +24,24 @@ from lexvla.layers.lexical import (
 )
 from lexvla.models._quiet import quiet_loading
 
-CPU_FLOAT32_SDPA = "lexvla_cpu_float32_sdpa"
-
-
-def cpu_float32_sdpa(
-    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: object, **kwargs: object
-) -> tuple[Tensor, None]:
-    """transformers' SDPA attention, with bf16 inputs on the CPU attended in float32.
-
-    torch's CPU flash-attention kernel is slow in bf16: under bf16 autocast it took a third of
-    DINOv2-S's forward here (80 vs 54 ms per image with float32 attention), and float32 attention is
-    also closer to the float32 model (relative error of the features 0.008 either way). The output is
-    cast back to the input dtype; everything else (masks, dropout, GPUs) is the SDPA function's."""
-    if query.device.type != "cpu" or query.dtype != torch.bfloat16:
-        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
-    with torch.autocast("cpu", enabled=False):
-        out, _ = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), *args, **kwargs
-        )
-    return out.to(query.dtype), None
-
-
-AttentionInterface.register(CPU_FLOAT32_SDPA, cpu_float32_sdpa)
-
 
 def build_dinov2(cfg: VisionConfig, device: torch.device | None = None) -> Dinov2Model:
-    """DINOv2 from pretrained weights, or randomly initialised from `cfg.arch` (tests, meta device);
-    its attention is :func:`cpu_float32_sdpa`."""
+    """DINOv2 from pretrained weights, or randomly initialised from `cfg.arch` (tests, meta device)."""
     on_meta = device is not None and device.type == "meta"
     if cfg.pretrained and not on_meta:
         path = assets.resolve_reference(cfg.backbone)
         try:
             with quiet_loading():
-                model = Dinov2Model.from_pretrained(path, attn_implementation=CPU_FLOAT32_SDPA)
+                return Dinov2Model.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise LexVLAError(f"cannot load vision backbone '{cfg.backbone}': {err}") from None
-        return model
     if not cfg.arch:
         raise LexVLAError(
             f"vision backbone '{cfg.backbone}' is not loaded (pretrained=false or meta device) and "
             "model.vision.arch is empty: give the Dinov2Config fields in model.vision.arch"
         )
     with torch.device(device or "cpu"):
-        return Dinov2Model(Dinov2Config(**cfg.arch, attn_implementation=CPU_FLOAT32_SDPA))
+        return Dinov2Model(Dinov2Config(**cfg.arch))
 
 
 class VisionTower(nn.Module):
