@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from lexvla._atomic import atomic_file
 from lexvla._fingerprint import weights_fingerprint
 from lexvla.config import FEATURE_CACHE_COMPUTE
-from lexvla.data.prefetch import prefetched
 from lexvla.errors import LexVLAError
 from lexvla.layers.lexical import bf16_autocast, wants_bf16
 
@@ -289,34 +288,28 @@ def image_feature_table(
     device = model.device
     compute = _resolve_compute(compute, device)
     key = [preprocessing, dataset_fingerprint(dataset)] + _compute_key(compute)
-    if compute != "float32":  # bf16 tables made since the backbone attends in float32 on the CPU
-        key.append(f"attention={model.vision.backbone.config._attn_implementation}")
     name = module_fingerprint(model.vision.backbone, key)
     shape: list[tuple[int, ...]] = []
 
-    def decoded(span: range) -> Iterator[tuple[list[Tensor], list[bool]]]:
-        """(pixels of the readable images, readable or not per image) per batch of `span`."""
-        for start in range(span.start, span.stop, batch_size):
-            pixels, ok = [], []
-            for index in range(start, min(start + batch_size, span.stop)):
-                sample = dataset[index]
-                try:
-                    if sample is None:
-                        raise LexVLAError(f"image {index} cannot be read")
-                    pixels.append(model.image_processor([sample.image])[0])
-                    ok.append(True)
-                except LexVLAError as err:
-                    logger.warning("skipping unreadable image %s: %s", index, err)
-                    ok.append(False)
-            yield pixels, ok
-
     def encode(span: range) -> tuple[Tensor, Tensor]:
-        good, ok = [], []
+        pixels, ok = [], []
+        for index in span:
+            sample = dataset[index]
+            try:
+                if sample is None:
+                    raise LexVLAError(f"image {index} cannot be read")
+                pixels.append(model.image_processor([sample.image])[0])
+                ok.append(True)
+            except LexVLAError as err:
+                logger.warning("skipping unreadable image %s: %s", index, err)
+                ok.append(False)
         with bf16_autocast(compute, device):
-            for pixels, batch_ok in prefetched(decoded(span)):  # the next batch decodes meanwhile
-                ok.extend(batch_ok)
-                if pixels:
-                    good.append(_frozen(model.vision.forward_features, torch.stack(pixels), device))
+            good = [
+                _frozen(
+                    model.vision.forward_features, torch.stack(pixels[i : i + batch_size]), device
+                )
+                for i in range(0, len(pixels), batch_size)
+            ]
         if not shape:
             side = model.image_processor.image_size
             probe = (
