@@ -140,7 +140,7 @@ def _recompute_selected(
 
 def _first_max_index(scores: Tensor, kernels: ModuleType | None) -> Tensor:
     """The first maximal patch of every (image, word) of (B, P, c) search scores. -> (B, c)."""
-    if kernels is None or scores.dtype != torch.bfloat16 or scores.shape[1] > _INT32_MAX:
+    if kernels is None or scores.dtype != torch.bfloat16:
         return scores.max(dim=1).indices
     index = torch.empty(scores.shape[0], scores.shape[2], dtype=torch.int32)  # (B, c)
     _run_kernel(kernels.first_max_index_bf16, scores.view(torch.int16), index)

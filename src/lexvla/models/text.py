@@ -173,7 +173,7 @@ class TextTower(nn.Module):
             captions = [captions]
         if not captions:
             raise LexVLAError("no captions given to encode")
-        rows = [self.tokenizer(self.prompt_for(c, i))["input_ids"] for i, c in enumerate(captions)]
+        rows = self._prompt_ids(captions)
         length = max(len(r) for r in rows)
         pad_id = self.tokenizer.pad_token_id or 0
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -185,9 +185,11 @@ class TextTower(nn.Module):
 
     def prompt_lengths(self, captions: list[str]) -> list[int]:
         """Tokens of each caption's full prompt (what `tokenize` pads to the longest of a batch)."""
-        return [
-            len(self.tokenizer(self.prompt_for(c, i))["input_ids"]) for i, c in enumerate(captions)
-        ]
+        return [len(ids) for ids in self._prompt_ids(captions)]
+
+    def _prompt_ids(self, captions: list[str]) -> list[list[int]]:
+        """The token ids of each caption's full prompt."""
+        return [self.tokenizer(self.prompt_for(c, i))["input_ids"] for i, c in enumerate(captions)]
 
     def prompt_for(self, caption: str, index: int = 0) -> str:
         """The full prompt text of one caption (cleaned, truncated to `max_caption_tokens` tokens)."""
