@@ -81,6 +81,29 @@ def test_packed_weights_follow_weight_updates(frozen_tiny):
     torch.testing.assert_close(after, _features(frozen_tiny, CAPTIONS[:2], "transformers"))
 
 
+def test_a_fused_optimizer_step_between_two_validations_is_seen():
+    """Fused AdamW updates parameters without bumping their version counters, so the packed head
+    products made at one validation must not survive into the next (they did: the trainer's later
+    validations scored captions with the text head of its first one)."""
+    model = create_model("tiny", overrides=["text.use_lora=false", "text.head=mlp"]).eval()
+    features = torch.randn(3, model.text.codebook.shape[1])  # (B, D) last-position states
+    with torch.no_grad():
+        model.text.logits(features)  # packs the head and codebook products
+    model.train()
+    head = list(model.text.head.parameters())
+    versions = [p._version for p in head]
+    for p in head:
+        p.grad = torch.ones_like(p)
+    torch.optim.AdamW(head, lr=0.1, fused=True).step()
+    assert [p._version for p in head] == versions  # what makes the version key blind here
+    model.eval()
+    with torch.no_grad():
+        served = model.text.logits(features)  # (B, V)
+        with torch.enable_grad():
+            reference = model.text.logits(features).detach()
+    torch.testing.assert_close(served, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_training_gradients_and_lora_use_the_transformers_forward(frozen_tiny, tiny_model):
     text = frozen_tiny.text
     assert text._inference_path()

@@ -160,6 +160,23 @@ class TextTower(nn.Module):
         self._packed_key: tuple | None = None  # the LLM weights' versions the copies were made from
         self._inference_products = InferenceProducts()  # head and codebook products, packed
 
+    def train(self, mode: bool = True) -> TextTower:
+        """Set the mode, and drop the inference copies (packed products, packed LLM, prefix keys and
+        values) when it changes. They are remade from the weights when the weights' version counters
+        change, but fused optimizers (`torch.optim.AdamW(fused=True)`) update parameters in place
+        without bumping them: switching mode (as the trainer does around each validation, and as
+        `model.eval()` after training does) is the point where the weights may have moved."""
+        if mode != self.training:
+            self.drop_inference_copies()
+        return super().train(mode)
+
+    def drop_inference_copies(self) -> None:
+        """Forget every copy made for inference; the next no-gradient forward remakes what it needs.
+        Call it after changing the weights in a way their version counters do not see."""
+        self._inference_products.clear()
+        self._packed, self._packed_key = {}, None
+        self._prefix_cache, self._prefix_cache_key = None, None
+
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's transformer blocks (the units FSDP shards)."""
         return self._decoder().layers
