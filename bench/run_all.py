@@ -234,11 +234,12 @@ def _train_flickr8k(r: dict) -> list[str]:
         lines.append(
             f"{name}: {row['step_median_s']:.2f} s/step (CPU {row['step_cpu_median_s']:.2f} s); {phases}"
         )
-    full = r.get("measured_by_full_run", {})
-    if full:
+    for full in r.get("measured_by_full_run", []):  # the lead's full runs, oldest first
+        per_step = full.get("seconds_per_step_median", full.get("seconds_per_step_approx"))
         lines.append(
-            f"full run (lead): {full['wall_min']} min, {full['image_caching']['images_per_s']} images/s, "
-            f"{full['caption_caching']['captions_per_s']} captions/s, ~{full['seconds_per_step_approx']} s/step"
+            f"full run {full['date']} ({full['steps']} steps): {full['wall_min']} min, "
+            f"{full['image_caching']['images_per_s']} images/s, "
+            f"{full['caption_caching']['captions_per_s']} captions/s, ~{per_step} s/step"
         )
     return lines
 

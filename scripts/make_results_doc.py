@@ -379,7 +379,7 @@ def recipe_targets(rec: Json) -> str:
     return table(["target", "goal", "measured", "verdict"], rows)
 
 
-def recipe_models(rec: Json, earlier: Sequence[tuple[str, Json | None]] = ()) -> str:
+def recipe_models(rec: Json, earlier: Sequence[tuple[str, Json | None, str]] = ()) -> str:
     """The recipe's models on val, then earlier defaults of the recipe (name, report) where found."""
     rows = []
     models = [("untrained", rec, "untrained"), ("trained (recipe)", rec, "trained")]
@@ -388,7 +388,7 @@ def recipe_models(rec: Json, earlier: Sequence[tuple[str, Json | None]] = ()) ->
         models.append(
             (f"its compact form (`lexvla compact`, rank 64, {size:.1f} MB)", rec, "compact")
         )
-    models += [(name, report, "trained") for name, report in earlier if report is not None]
+    models += [(name, report, key) for name, report, key in earlier if report is not None]
     for name, source, key in models:
         b, w = source[key], source[key]["words"]
         rows.append(
@@ -633,9 +633,9 @@ def recipe_seeds(results: Path) -> list[str]:
     return [
         "### Seeds",
         "",
-        f"The 1,800-step recipe (the default before this one) with `--set train.seed=N` "
+        f"The 1,800-step recipe (an earlier default) with `--set train.seed=N` "
         f"({len(runs)} runs), each evaluated the same way. The standard deviation is over the seeds "
-        "(n − 1). The 4,000-step recipe has one seed so far.",
+        "(n − 1). The 4,500-step recipe has one seed; the 4,000-step one was run twice (above).",
         "",
         table(header, rows),
         "",
@@ -666,24 +666,44 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
             rec,
             [
                 (
-                    "3,000 steps",
-                    _load_if_file(results / "flickr8k_steps3000_eval.json"),
+                    "4,000 steps (the default before)",
+                    _load_if_file(results / "flickr8k_recipe_4000.json"),
+                    "trained",
                 ),
                 (
-                    "1,800 steps (the default before; seeds below)",
+                    "its compact form, the bundled `flickr8k` head (rank 64, 8.1 MB)",
+                    _load_if_file(results / "flickr8k_recipe_4000.json"),
+                    "compact",
+                ),
+                (
+                    "4,000 steps, run again from nothing",
+                    _load_if_file(results / "flickr8k_recipe_rerun.json"),
+                    "trained",
+                ),
+                (
+                    "3,000 steps",
+                    _load_if_file(results / "flickr8k_steps3000_eval.json"),
+                    "trained",
+                ),
+                (
+                    "1,800 steps (an earlier default; seeds below)",
                     _load_if_file(results / "flickr8k_recipe_1800.json"),
+                    "trained",
                 ),
                 (
                     "1,800 steps, features cached in float32",
                     _load_if_file(results / "flickr8k_recipe_float32_cache.json"),
+                    "trained",
                 ),
                 (
                     "1,800 steps, caption-word loss 0.1",
                     _load_if_file(results / "flickr8k_recipe_caption_words_0.1.json"),
+                    "trained",
                 ),
                 (
                     "1,800 steps, caption-word loss 0.1, no input words",
                     _load_if_file(results / "flickr8k_recipe_before_input_words.json"),
+                    "trained",
                 ),
             ],
         ),
