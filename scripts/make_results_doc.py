@@ -380,7 +380,8 @@ def recipe_targets(rec: Json) -> str:
 
 
 def recipe_models(rec: Json, earlier: Sequence[tuple[str, Json | None, str]] = ()) -> str:
-    """The recipe's models on val, then earlier defaults of the recipe (name, report) where found."""
+    """The recipe's models on val, then earlier ones (name, report, its block: "trained" or "compact")
+    where found."""
     rows = []
     models = [("untrained", rec, "untrained"), ("trained (recipe)", rec, "trained")]
     if "compact" in rec:
@@ -647,6 +648,7 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
     if not path.is_file():
         return []
     rec = json.loads(path.read_text())
+    steps_4000 = _load_if_file(results / "flickr8k_recipe_4000.json")  # run and compact head
     parts = [
         "## The default recipe on Flickr8k (issue 13)",
         "",
@@ -665,14 +667,10 @@ def recipe_section(results: Path, notes: dict[str, str]) -> list[str]:
         recipe_models(
             rec,
             [
-                (
-                    "4,000 steps (the default before)",
-                    _load_if_file(results / "flickr8k_recipe_4000.json"),
-                    "trained",
-                ),
+                ("4,000 steps (the default before)", steps_4000, "trained"),
                 (
                     "its compact form, the bundled `flickr8k` head (rank 64, 8.1 MB)",
-                    _load_if_file(results / "flickr8k_recipe_4000.json"),
+                    steps_4000,
                     "compact",
                 ),
                 (
