@@ -10,6 +10,7 @@ from PIL import Image
 from lexvla.eval.retrieval import Encodings
 from lexvla.eval.sparsity import (
     plot_sparsity_curve,
+    point_labels,
     quadratic_sparsity,
     sparsity_curve,
     sparsity_curve_from_encodings,
@@ -55,6 +56,27 @@ def test_plot_is_not_blank(tmp_path):
     path = plot_sparsity_curve(curve, tmp_path / "curve.png")
     pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
     assert pixels.std() > 5
+
+
+def test_point_labels_merge_crowded_points_and_keep_the_threshold():
+    def point(name, words):
+        return {"point": name, "active_words": {"mean": words}}
+
+    # x positions as in a real curve: dense at 0, a spread point, then a crowd near 1.
+    points = [point("dense", 0), point(8192, 8192), point("threshold", 220), point(1024, 1024),
+              point(512, 512), point(300, 300), point(64, 64)]  # fmt: skip
+    xs = [0.0, 0.38, 0.97, 0.90, 0.95, 0.97, 0.99]
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    xs, points = [xs[i] for i in order], [points[i] for i in order]
+    ys = [90.0, 91.0, 92.0, 93.0, 94.0, 95.0, 96.0]
+    labels = point_labels(xs, ys, points)
+    tags = [tag for _, _, tag, _ in labels]
+    assert tags == ["dense", "8192", "thr (220)", "1024–64"]  # 0.90 → 0.99 in steps < 0.06: one run
+    crowd = labels[3]
+    assert crowd[0] == pytest.approx((0.90 + 0.95 + 0.97 + 0.99) / 4) and crowd[1] == 96.0
+    assert labels[2][3] is True and sum(below for *_, below in labels) == 1
+    drawn = sorted(x for x, _, _, below in labels if not below)
+    assert all(b - a >= 0.06 for a, b in zip(drawn, drawn[1:]))  # no two labels above share a spot
 
 
 def test_tiny_model_curve_encodes_once(tiny_model, tmp_path, monkeypatch):

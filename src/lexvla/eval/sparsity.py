@@ -219,8 +219,8 @@ def plot_sparsity_curve(
             if chance is not None:
                 ax.axhline(chance, color=line[0].get_color(), linestyle=":", linewidth=0.8)
         top = [p[f"{direction}/R@{ks[-1]}"] for p in points]
-        for x, y, p in zip(xs, top, points):
-            ax.annotate(_point_tag(p), (x, y), textcoords="offset points", xytext=(0, 6),
+        for x, y, tag, below in point_labels(xs, top, points):
+            ax.annotate(tag, (x, y), textcoords="offset points", xytext=(0, -12 if below else 6),
                         ha="center", fontsize=7)  # fmt: skip
         ax.set_title(name)
         ax.set_xlabel("quadratic sparsity (1 − k/V)²  (k = mean active words)")
@@ -236,6 +236,39 @@ def plot_sparsity_curve(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def point_labels(
+    xs: list[float], ys: list[float], points: list[dict[str, Any]], min_gap: float = 0.06
+) -> list[tuple[float, float, str, bool]]:
+    """Labels that do not overlap: `(x, y, text, below_the_line)` for points sorted by x.
+
+    Quadratic sparsity packs every sparse point near x = 1: a point closer than `min_gap` to the
+    previous one joins its run, and a run shares one label ("1024–32": the mean active words at its
+    two ends) at its mean position, so labels drawn above the line stay at least `min_gap` apart.
+    The threshold point keeps its own label, under the line: the default operating point is always
+    named.
+    """
+    labels: list[tuple[float, float, str, bool]] = []
+    run: list[int] = []
+
+    def close_run() -> None:
+        if run:
+            tags = [_point_tag(points[i]) for i in run]
+            tag = tags[0] if len(run) == 1 else f"{tags[0]}–{tags[-1]}"
+            x = sum(xs[i] for i in run) / len(run)
+            labels.append((x, max(ys[i] for i in run), tag, False))
+            run.clear()
+
+    for i, point in enumerate(points):
+        if point["point"] == "threshold":
+            labels.append((xs[i], ys[i], _point_tag(point), True))
+            continue
+        if run and xs[i] - xs[run[-1]] >= min_gap:
+            close_run()
+        run.append(i)
+    close_run()
+    return labels
 
 
 def _point_tag(point: dict[str, Any]) -> str:
