@@ -11,7 +11,9 @@ from lexvla.eval.words import (
     fold_word,
     fragment_words,
     frequent_caption_words,
+    overused_word_text,
     word_quality,
+    words_table,
 )
 
 WORDS = ["dog", "##dog", "dogs", "cat", "the", "grass", "##ing", "ball", "car", "red"]
@@ -71,6 +73,16 @@ def test_word_quality_hand_computed():
     assert flagged["the"] == (True, False) and flagged["ing"] == (False, True)
     assert flagged["dog"] == (False, False)
     assert result["meaningless_overused"] == ["ing", "the"]
+    # right: of the images showing a word, the share whose captions have it; in_captions: of all
+    # captioned images. Image 0's captions have dog, the (a stop word: never right) and grass;
+    # image 1's have red and car.
+    truth = {r["word"]: (r["right"], r["in_captions"]) for r in result["overused_words"]["image"]}
+    assert truth == {
+        "dog": (1.0, 0.5), "cat": (0.0, 0.0), "the": (0.0, 0.0),
+        "car": (1.0, 0.5), "ing": (0.0, 0.0), "red": (1.0, 0.5),
+    }  # fmt: skip
+    assert overused_word_text(result["overused_words"]["image"][0]) == "car 50% (right 100%)"
+    assert "ing* 50% (right 0%)" in words_table(result)
 
 
 def test_object_recall_any_word_of_the_class_name():

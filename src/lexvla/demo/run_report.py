@@ -9,6 +9,7 @@ from typing import Any
 
 from lexvla._atomic import atomic_write_text
 from lexvla.demo import html
+from lexvla.eval.words import overused_word_text
 
 MODELS = (  # (results key, row label)
     ("untrained", "untrained heads"),
@@ -221,17 +222,14 @@ def _words_section(results: dict[str, Any]) -> str:
         sides = []
         for side in ("image", "text"):
             listed = w["overused_words"][side][:10]
-            shown = ", ".join(
-                f"{row['word']}{'*' if row['stop_word'] or row['fragment'] else ''} "
-                f"{100 * row['share']:.0f}%"
-                for row in listed
-            )
+            shown = ", ".join(overused_word_text(row) for row in listed)
             sides.append(f"{side}s: {html.escape(shown or 'none')}")
         overuse.append(f"<li><b>{html.escape(label)}</b> — {'; '.join(sides)}</li>")
     share = 100 * first.get("overuse_share", 0.1)
     overused = (
         f"<p>Overused words (in the top {k} of more than {share:.0f}% of the images or captions; "
-        "* a stop word or a word fragment):</p><ul class='words'>" + "".join(overuse) + "</ul>"
+        "* a stop word or a word fragment; right: the share of the images or captions showing the "
+        "word whose captions have it):</p><ul class='words'>" + "".join(overuse) + "</ul>"
     )
     examples = _examples(compared)
     return html.table(header, rows) + note + overused + examples + "".join(errors)

@@ -89,9 +89,20 @@ def fixed_answer_precision(answer: Sequence[str], truths: Sequence[set[str]]) ->
 
 
 def frequent_top_words(
-    top_ids: Tensor, group_words: Sequence[str], fragments: set[str], min_share: float = 0.1
+    top_ids: Tensor,
+    group_words: Sequence[str],
+    fragments: set[str],
+    min_share: float = 0.1,
+    truths: Sequence[set[str] | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Words in the top k of more than `min_share` of the rows, most frequent first, with flags."""
+    """Words in the top k of more than `min_share` of the rows, most frequent first, with flags.
+
+    With `truths` (per row, its caption words; None for a row without captions) each word also gets
+    `right`: the share of the captioned rows showing it whose captions have it (a word shown from a
+    learnt prior, "dog" on every animal, is often wrong), and `in_captions`: the share of captioned
+    rows whose captions have it (what a calibrated model would show). A stop word is never right, as
+    in :func:`precision_at_k`.
+    """
     rows = max(top_ids.shape[0], 1)
     shown = top_ids.flatten()
     counts = torch.bincount(shown[shown >= 0], minlength=len(group_words)).tolist()
@@ -106,7 +117,28 @@ def frequent_top_words(
         for i, c in enumerate(counts)
         if c / rows > min_share
     ]
+    if truths is not None:
+        for row in frequent:
+            row.update(_word_truth(top_ids, group_words.index(row["word"]), row["word"], truths))
     return sorted(frequent, key=lambda row: (-row["share"], row["word"]))
+
+
+def _word_truth(
+    top_ids: Tensor, group: int, word: str, truths: Sequence[set[str] | None]
+) -> dict[str, float]:
+    """`right` and `in_captions` of one word (see :func:`frequent_top_words`), over captioned rows."""
+    showing = (top_ids == group).any(-1).tolist()  # (N,)
+    counts = word not in stop_words()
+    captioned = [
+        (show, counts and word in truth)
+        for show, truth in zip(showing, truths)
+        if truth is not None
+    ]
+    shown_right = [has for show, has in captioned if show]
+    return {
+        "right": sum(shown_right) / len(shown_right) if shown_right else math.nan,
+        "in_captions": sum(has for _, has in captioned) / max(len(captioned), 1),
+    }
 
 
 def fragment_words(words: Sequence[str]) -> set[str]:
@@ -196,6 +228,7 @@ def word_quality(
     text_precision = precision_at_k(text_top, group_words, text_truths)
     answer = frequent_caption_words([truths[i] for i in captioned], k)
     fragments = fragment_words(words)
+    image_truths = [truths[i] if c else None for i, c in enumerate(per_image)]
     result: dict[str, Any] = {
         "k": k,
         "image_precision": _mean(image_precision),
@@ -208,8 +241,12 @@ def word_quality(
             "text": _active(text_weights, threshold),
         },
         "overused_words": {
-            "image": frequent_top_words(image_top[:, :k], group_words, fragments, overuse_share),
-            "text": frequent_top_words(text_top, group_words, fragments, overuse_share),
+            "image": frequent_top_words(
+                image_top[:, :k], group_words, fragments, overuse_share, image_truths
+            ),
+            "text": frequent_top_words(
+                text_top, group_words, fragments, overuse_share, text_truths
+            ),
         },
         "overuse_share": overuse_share,
         "num_images": num_images,
@@ -261,16 +298,21 @@ def words_table(result: dict[str, Any]) -> str:
     table += f"\nfixed answer: {', '.join(result['fixed_answer'])}"
     for side in ("image", "text"):
         listed = result["overused_words"][side]
-        shown = ", ".join(
-            f"{row['word']}{'*' if row['stop_word'] or row['fragment'] else ''} "
-            f"{100 * row['share']:.0f}%"
-            for row in listed[:12]
-        )
+        shown = ", ".join(overused_word_text(row) for row in listed[:12])
         share = 100 * result["overuse_share"]
         table += f"\n{side} top-{k} words in > {share:.0f}% of {side}s: {shown or 'none'}"
     if result["meaningless_overused"]:
         table += f"\n* stop word or fragment: {', '.join(result['meaningless_overused'])}"
+    table += "\n(right: the share of the vectors showing the word whose captions have it)"
     return table
+
+
+def overused_word_text(row: dict[str, Any]) -> str:
+    """One overused word as a reader sees it: "dog 38% (right 15%)", "##ing* 20%"."""
+    flag = "*" if row["stop_word"] or row["fragment"] else ""
+    right = row.get("right")
+    tail = "" if right is None or math.isnan(right) else f" (right {100 * right:.0f}%)"
+    return f"{row['word']}{flag} {100 * row['share']:.0f}%{tail}"
 
 
 # ------------------------------------------------------------------------------ with a model
