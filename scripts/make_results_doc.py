@@ -508,40 +508,59 @@ def tries_table(tries: Json) -> str:
 
 
 def penalty_comparison(results: Path) -> list[str]:
-    """Experiment 1 on Flickr8k: the recipe (overuse) beside the same run with the FLOPs penalty."""
-    # The FLOPs arm was run before the recipe gained the caption's own words (text.input_words_weight):
-    # it is compared with the recipe as it was then.
-    before = results / "flickr8k_recipe_before_input_words.json"
-    arms = [("overuse (the recipe, no input words)", before)]
-    arms.append(("FLOPs (no input words)", results / "flickr8k_flops.json"))
-    if not all(path.is_file() for _, path in arms):
-        return []
-    rows = []
-    for name, path in arms:
-        rec = json.loads(path.read_text())
-        loss, t, w = rec["config"]["loss"], rec["trained"], rec["trained"]["words"]
-        over = w["overused_words"]["image"]
-        rows.append(
-            [
-                name,
-                f"{loss['penalty_weight']:g}",
-                f"{w['active_words']['image']:,.0f} / {w['active_words']['text']:,.0f}",
-                f"{_r(t, 'image_to_text', 10):.1f} / {_r(t, 'text_to_image', 10):.1f}",
-                f"{_r(t['at_top_300'], 'image_to_text', 10):.1f} / "
-                f"{_r(t['at_top_300'], 'text_to_image', 10):.1f}",
-                f"{w['image_precision']:.1f} / {w['text_precision']:.1f}",
-                f"{len(over)}",
-                ", ".join(f"{o['word']} {o['share']:.0%}" for o in over[:4]) or "none",
-            ]
-        )
-    header = ["penalty", "λ", "active img / txt", "R@10 i→t / t→i", "R@10 at top 300",
-              "precision@10 img / txt", "image words in > 10% of top-10s", "most used"]  # fmt: skip
+    """Experiment 1 on Flickr8k: the recipe (overuse) beside the same run with the FLOPs penalty.
+
+    The current recipe's pair first; then the first pair, run before the recipe gained the caption's
+    own words (text.input_words_weight), compared with the recipe as it was then.
+    """
+    pairs = [
+        (
+            "### Overuse vs FLOPs on Flickr8k (experiment 1, the 4,500-step recipe, one seed)",
+            [("overuse (the recipe)", results / "flickr8k_recipe.json"),
+             ("FLOPs", results / "flickr8k_flops_recipe.json")],
+        ),
+        (
+            "### Overuse vs FLOPs on Flickr8k (the first pair: the recipe before input words)",
+            [("overuse (no input words)", results / "flickr8k_recipe_before_input_words.json"),
+             ("FLOPs (no input words)", results / "flickr8k_flops.json")],
+        ),
+    ]  # fmt: skip
+    parts: list[str] = []
+    for title, arms in pairs:
+        if all(path.is_file() for _, path in arms):
+            rows = [_penalty_row(name, json.loads(path.read_text())) for name, path in arms]
+            parts += [title, "", table(PENALTY_HEADER, rows), ""]
+    return parts
+
+
+PENALTY_HEADER = ["penalty", "λ", "active img / txt", "R@10 i→t / t→i", "R@10 at top 300",
+                  "precision@10 img / txt", "PatchDis mIoU", "image words in > 10% of top-10s",
+                  "most used"]  # fmt: skip
+
+
+def _penalty_row(name: str, rec: Json) -> list[str]:
+    """One arm of experiment 1 (a flickr8k.py report) as a row of PENALTY_HEADER."""
+    loss, t, w = rec["config"]["loss"], rec["trained"], rec["trained"]["words"]
+    over = w["overused_words"]["image"]
+    patchdis = rec.get("patchdis", {}).get("trained")
     return [
-        "### Overuse vs FLOPs on Flickr8k (experiment 1, one seed)",
-        "",
-        table(header, rows),
-        "",
+        name,
+        f"{loss['penalty_weight']:g}",
+        f"{w['active_words']['image']:,.0f} / {w['active_words']['text']:,.0f}",
+        f"{_r(t, 'image_to_text', 10):.1f} / {_r(t, 'text_to_image', 10):.1f}",
+        f"{_r(t['at_top_300'], 'image_to_text', 10):.1f} / "
+        f"{_r(t['at_top_300'], 'text_to_image', 10):.1f}",
+        f"{w['image_precision']:.1f} / {w['text_precision']:.1f}",
+        f"{patchdis['mIoU']:.3f}" if patchdis else "–",
+        f"{len(over)}",
+        ", ".join(_used(o) for o in over[:4]) or "none",
     ]
+
+
+def _used(row: Json) -> str:
+    """An overused word with its share, and how often it is right where the report has it."""
+    right = row.get("right")
+    return f"{row['word']} {row['share']:.0%}" + (f" (right {right:.0%})" if right else "")
 
 
 def _load_if_file(path: Path) -> Json | None:
