@@ -564,8 +564,11 @@ def _penalty_row(name: str, rec: Json) -> list[str]:
 
 def _used(row: Json) -> str:
     """An overused word with its share, and how often it is right where the report has it."""
-    right = row.get("right")
-    return f"{row['word']} {row['share']:.0%}" + (f" (right {right:.0%})" if right else "")
+    right = row.get("right")  # as lexvla.eval.words.overused_word_text writes it
+    if right is None:
+        return f"{row['word']} {row['share']:.0%}"
+    said = "never right" if right == 0 else f"right {max(right, 0.01):.0%}"
+    return f"{row['word']} {row['share']:.0%} ({said})"
 
 
 def _load_if_file(path: Path) -> Json | None:

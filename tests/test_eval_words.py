@@ -82,7 +82,9 @@ def test_word_quality_hand_computed():
         "car": (1.0, 0.5), "ing": (0.0, 0.0), "red": (1.0, 0.5),
     }  # fmt: skip
     assert overused_word_text(result["overused_words"]["image"][0]) == "car 50% (right 100%)"
-    assert "ing* 50% (right 0%)" in words_table(result)
+    assert "ing* 50% (never right)" in words_table(result)
+    rare = {"word": "dog", "share": 0.2, "stop_word": False, "fragment": False, "right": 0.004}
+    assert overused_word_text(rare) == "dog 20% (right 1%)"
 
 
 def test_object_recall_any_word_of_the_class_name():

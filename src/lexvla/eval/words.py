@@ -308,10 +308,15 @@ def words_table(result: dict[str, Any]) -> str:
 
 
 def overused_word_text(row: dict[str, Any]) -> str:
-    """One overused word as a reader sees it: "dog 38% (right 15%)", "##ing* 20%"."""
+    """One overused word as a reader sees it: "dog 38% (right 15%)", "ing* 20% (never right)"."""
     flag = "*" if row["stop_word"] or row["fragment"] else ""
     right = row.get("right")
-    tail = "" if right is None or math.isnan(right) else f" (right {100 * right:.0f}%)"
+    if right is None or math.isnan(right):
+        tail = ""
+    elif right == 0:
+        tail = " (never right)"
+    else:  # a word right now and then never reads as "right 0%"
+        tail = f" (right {max(100 * right, 1):.0f}%)"
     return f"{row['word']}{flag} {100 * row['share']:.0f}%{tail}"
 
 
