@@ -113,13 +113,11 @@ def frequent_top_words(
             "share": c / rows,
             "stop_word": group_words[i] in stops,
             "fragment": group_words[i] in fragments,
+            **(_word_truth(top_ids, i, group_words[i], truths) if truths is not None else {}),
         }
         for i, c in enumerate(counts)
         if c / rows > min_share
     ]
-    if truths is not None:
-        for row in frequent:
-            row.update(_word_truth(top_ids, group_words.index(row["word"]), row["word"], truths))
     return sorted(frequent, key=lambda row: (-row["share"], row["word"]))
 
 
