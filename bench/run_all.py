@@ -195,6 +195,15 @@ def _text_latency(r: dict) -> list[str]:
         lines.append(f"floor {path} ({row['weight_mb']} MB of weights): {cells}")
     if "batch_invariance" in r:
         lines.append(f"float32 batch invariance: {r['batch_invariance']}")
+    trained = r.get("trained_model_bfloat16_vs_float32")
+    if trained:
+        emulated = ", ".join(
+            f"{k} {v['top20_same_set_fraction']:.0%}" for k, v in trained["emulated"].items()
+        )
+        lines.append(
+            f"{trained['model']}: bfloat16 vs float32 top-20 same set "
+            f"{trained['bfloat16']['top20_same_set_fraction']:.0%}; emulated: {emulated}"
+        )
     return lines
 
 

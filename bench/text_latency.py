@@ -22,7 +22,7 @@ too: with 1 thread it is what the wall clock would be on a quiet machine (time s
 other processes is not in it). Also the time per query in a batch of
 32. The machine is shared: the report records the other processes' CPU use (bench/_common.py).
 
-Floor: for each packed dtype and thread count, the LLM's 120 packed products alone for one query
+Floor: for each packed dtype and thread count, the LLM's 150 packed products alone for one query
 (18 rows each, as a COCO caption's new tokens) and one plain read of the same weights (a sum over
 each weight matrix): the read is what the weight traffic alone costs per query on this machine, the
 products' floor.
@@ -34,11 +34,17 @@ concurrent queries and still answer each as if it came alone.
 Equality: the (N, V) text weights of the first --captions captions through each path against the
 reference: the fraction of captions whose 20 heaviest words are the same set (and the same order),
 the mean overlap of those sets, and the largest weight difference.
+
+Trained model (--trained-model, the bundled Flickr8k head): the same comparison of bfloat16 against
+float32, where users query, and where the difference comes from, by emulation on the float32 path:
+the LLM's weights rounded to bf16 with float32 activations, the same with each product's input
+rounded to bf16 too (what bf16 products need), and fp16 weights with float32 activations.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -61,6 +67,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 from lexvla.layers.lexical import native_bf16_matmul  # noqa: E402
+from lexvla.models.text_inference import PackedDecoder  # noqa: E402
 from text_encoding import COCO_CAPTIONS, load_captions  # noqa: E402
 
 PATHS = ("transformers", "float32", "bfloat16")
@@ -168,26 +175,28 @@ def _median_ms(run, repeats: int = 9) -> float:
 
 
 def weight_floor(model, threads: list[int], rows: int = 18) -> dict[str, dict[str, object]]:
-    """Per packed dtype: ms of the 120 products alone for one query, ms of one read of the same
-    weights, and that read's GB/s, for each thread count."""
+    """Per packed dtype: ms of the 150 products alone for one query, ms of one read of weights of
+    the same sizes, and that read's GB/s, for each thread count."""
     text, out = model.text, {}
     for path in ("float32", "bfloat16"):
         text.cfg.inference_weights = path
         try:
-            blocks = text._packed_decoder().blocks
+            decoder = text._packed_decoder()
         finally:
             text.cfg.inference_weights = "float32"
-        products = [lin for b in blocks for lin in (b.qkv, b.o, b.gate_up, b.down)]
-        inputs = {n: torch.randn(rows, n) for n in {lin.weight.shape[1] for lin in products}}
-        total = sum(lin.weight.numel() * lin.weight.element_size() for lin in products)
+        products = [(b.products, i) for b in decoder.blocks for i in range(len(b.products.shapes))]
+        shapes = [block.shapes[i] for block, i in products]  # (N, K) each
+        inputs = {k: torch.randn(rows, k).to(decoder.dtype) for _, k in shapes}
+        plain = [torch.randn(shape).to(decoder.dtype) for shape in shapes]  # the read's weights
+        total = sum(w.numel() * w.element_size() for w in plain)
         entry: dict[str, object] = {"weight_mb": round(total / 1e6, 1)}
         for n in threads:
             torch.set_num_threads(n)
             with torch.no_grad():
                 product_ms = _median_ms(
-                    lambda: [lin(inputs[lin.weight.shape[1]]) for lin in products]  # noqa: B023
+                    lambda: [b._linear(inputs[s[1]], i) for (b, i), s in zip(products, shapes)]  # noqa: B023
                 )
-                read_ms = _median_ms(lambda: [lin.weight.sum() for lin in products])  # noqa: B023
+                read_ms = _median_ms(lambda: [w.sum() for w in plain])  # noqa: B023
             entry[f"threads_{n}"] = {
                 "products_ms": product_ms,
                 "weight_read_ms": read_ms,
@@ -239,6 +248,67 @@ def compare(model, captions: list[str], batch: int = 32) -> dict[str, dict[str, 
     return out
 
 
+def _top_words_agreement(weights: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    top, ref_top = weights.topk(TOP_K).indices, reference.topk(TOP_K).indices
+    same_set = [set(a.tolist()) == set(b.tolist()) for a, b in zip(top, ref_top)]
+    return {
+        "top20_same_set_fraction": sum(same_set) / len(same_set),
+        "max_abs_weight_diff": round(float((weights - reference).abs().max()), 5),
+    }
+
+
+def _emulated(model, round_weights: torch.dtype, round_inputs: bool, captions: list[str]):
+    """The float32 path's weights for `captions` with the LLM's projection weights rounded to
+    `round_weights` (and each product's input rounded to bf16 if `round_inputs`), everything else
+    float32: which rounding moves the top words. Installs a packed decoder built from a rounded copy
+    of the LLM in the tower's packed-copy slot for float32 and removes it after (bench only)."""
+    text = model.text
+    decoder = copy.deepcopy(text._decoder())
+    with torch.no_grad():
+        for layer in decoder.layers:
+            for lin in (*(getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj",
+                        "o_proj")), layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):  # fmt: skip
+                lin.weight.copy_(lin.weight.to(round_weights).float())
+    packed = PackedDecoder(decoder, torch.float32)
+    if round_inputs:
+        for block in packed.blocks:
+            linear = block.products._linear
+            block.products._linear = lambda x, i, *a, _f=linear: _f(x.bfloat16().float(), i, *a)
+    text.cfg.inference_weights = "float32"
+    text._packed_decoder()  # the real copy exists; replace it for the block below
+    key = (torch.float32, text.codebook.device)
+    real, text._packed[key] = text._packed[key], packed
+    try:
+        return torch.cat([encode(model, captions[i : i + 32], "float32")
+                          for i in range(0, len(captions), 32)])  # fmt: skip
+    finally:
+        text._packed[key] = real
+
+
+def trained_head_agreement(name: str, captions: list[str]) -> dict[str, object]:
+    """On a trained model (`name`, the bundled Flickr8k head): bfloat16 against float32 top-20 words,
+    and where the difference comes from (emulated roundings on the float32 path)."""
+    model = lexvla.create_model(name).eval()
+    batches = range(0, len(captions), 32)
+    weights = {p: torch.cat([encode(model, captions[i : i + 32], p) for i in batches])
+               for p in ("float32", "bfloat16")}  # fmt: skip
+    reference = weights["float32"]
+    out: dict[str, object] = {"model": name, "captions": len(captions)}
+    out["bfloat16"] = _top_words_agreement(weights["bfloat16"], reference)
+    variants = {
+        "bf16_weights_float32_activations": (torch.bfloat16, False),
+        "bf16_weights_and_product_inputs": (torch.bfloat16, True),
+        "fp16_weights_float32_activations": (torch.float16, False),
+    }
+    out["emulated"] = {
+        label: _top_words_agreement(_emulated(model, dtype, inputs, captions), reference)
+        for label, (dtype, inputs) in variants.items()
+    }
+    gaps = reference.topk(TOP_K + 1).values
+    out["reference_gap_rank20_rank21_median"] = float((gaps[:, -2] - gaps[:, -1]).median())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--queries", type=int, default=60, help="timed single-caption queries")
@@ -246,6 +316,11 @@ def main() -> None:
     parser.add_argument("--profile-queries", type=int, default=10)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--model", default="small-offline")
+    parser.add_argument(
+        "--trained-model",
+        default="flickr8k",
+        help="also compare bfloat16 with float32 on this trained model ('' to skip)",
+    )
     parser.add_argument("--captions-file", type=Path, default=COCO_CAPTIONS)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "text_latency.json"
@@ -269,6 +344,11 @@ def main() -> None:
     floor = weight_floor(model, args.threads)
     invariance = batch_invariance(model, captions[: min(args.captions, 128)])
     equality = compare(model, captions[: args.captions])
+    trained = (
+        trained_head_agreement(args.trained_model, captions[: args.captions])
+        if args.trained_model
+        else None
+    )
     best = {p: min(single[p][f"threads_{n}"]["p50_ms"] for n in args.threads) for p in PATHS}
     bf16 = equality["bfloat16"]
     targets = {
@@ -281,6 +361,10 @@ def main() -> None:
         "bfloat16_top20_equal_95pct": bf16["top20_same_set_fraction"] >= 0.95,
         "bfloat16_weights_within_1e-2": bf16["max_abs_weight_diff"] <= 1e-2,
     }
+    if trained is not None:
+        targets["bfloat16_top20_equal_95pct_trained_model"] = (
+            trained["bfloat16"]["top20_same_set_fraction"] >= 0.95
+        )
     report = {
         "benchmark": "text query latency by inference path (bench/text_latency.py)",
         "machine": machine,
@@ -301,6 +385,7 @@ def main() -> None:
         "batch_invariance": invariance,
         "best_p50_ms": best,
         "equality_vs_reference": equality,
+        "trained_model_bfloat16_vs_float32": trained,
         "targets": targets,
     }
     write_json(args.out, report)
@@ -317,6 +402,8 @@ def main() -> None:
     print("floor (products alone, one read of the weights):", json.dumps(floor, indent=1))
     print("batch invariance:", json.dumps(invariance))
     print("equality:", json.dumps(equality, indent=1))
+    if trained is not None:
+        print("trained model, bfloat16 vs float32:", json.dumps(trained, indent=1))
     print("targets:", json.dumps(targets))
     busy = report["contention"]["other_processes_cpu_cores"]
     print(f"other processes used {busy:.2f} of {os.cpu_count()} cores during the run")

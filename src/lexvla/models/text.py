@@ -263,10 +263,8 @@ class TextTower(nn.Module):
         device = self.codebook.device
         K = 0 if prefix_ids is None else len(prefix_ids)
         prefix = None if prefix_ids is None else self._prefix_kv(prefix_ids)
-        last = (batch.last_index - K).to(device)  # (B,) each row's last real new token
-        hidden = self._packed_decoder()(batch.input_ids[:, K:].to(device), prefix, last + 1)
-        rows = torch.arange(hidden.shape[0], device=device)
-        return hidden[rows, last]  # (B, D) from (B, T - K, D)
+        lengths = (batch.last_index - K + 1).to(device)  # (B,) each row's real new tokens
+        return self._packed_decoder()(batch.input_ids[:, K:].to(device), prefix, lengths)  # (B, D)
 
     def _packed_decoder(self) -> PackedDecoder:
         """The packed copy of the LLM's weights for the current `inference_weights` dtype and device.

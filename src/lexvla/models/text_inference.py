@@ -139,6 +139,7 @@ class _BlockProducts:
             w.detach().to(dtype).contiguous()
             for w in (qkv, attn.o_proj.weight, *(lin.weight for lin in _mlp_linears(mlp)))
         ]  # qkv, o, gate, up, down: (N, K) each
+        self.shapes = [tuple(w.shape) for w in self.weights]
         self.fused = self.weights[0].device.type == "cpu" and torch.backends.mkldnn.is_available()
         if self.fused:
             self.weights = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in self.weights]
@@ -207,8 +208,9 @@ class _Groups:
 
 
 class PackedDecoder:
-    """The final-normed hidden states of a Llama decoder for new tokens after an optional cached
-    prefix: `(ids (B, T), prefix [(keys, values)] per block or None) -> (B, T, D)` in float32.
+    """The final-normed hidden state of a Llama decoder at each row's last new token, after an
+    optional cached prefix: `(ids (B, T), prefix [(keys, values)] per block or None, lengths (B,))
+    -> (B, D)` in float32.
 
     Built once from the decoder's weights (a packed copy); the tower rebuilds it when they change.
     """
@@ -226,7 +228,8 @@ class PackedDecoder:
         lengths: Tensor | None = None,
     ) -> Tensor:
         """`lengths` (B,): each row's real new tokens (right padding after them); None: all T.
-        Padded positions come out as garbage that no real position has attended to."""
+        The last block computes its attention output and MLP only at those last tokens (the other
+        positions feed no later block)."""
         B, T = input_ids.shape
         K = 0 if prefix is None else prefix[0][0].shape[2]
         hidden = self.decoder.embed_tokens(input_ids).float().view(B * T, -1)  # (B T, D)
@@ -235,14 +238,19 @@ class PackedDecoder:
         cos, sin = self.decoder.rotary_emb(hidden, positions)  # (1, T, hd) each
         rotary = _rotary_tables(cos, sin)
         groups = _Groups(lengths, T, K, input_ids.device)
+        last_rows = torch.arange(B, device=input_ids.device) * T + (
+            T - 1 if lengths is None else lengths.to(input_ids.device).clamp(1, T) - 1
+        )  # (B,) each row's last real token in (B T)
         for i, block in enumerate(self.blocks):
             x = F.rms_norm(hidden, (D,), block.input_norm, block.eps)
             past = None if prefix is None else prefix[i]
             attended = self._attention(block, x, B, rotary, groups, past)  # (B T, H hd)
+            if i == len(self.blocks) - 1:  # only the last tokens go on
+                attended, hidden = attended[last_rows], hidden[last_rows]  # (B, H hd), (B, D)
             hidden = block.products.attention_out(attended, hidden)
             x = F.rms_norm(hidden, (D,), block.post_norm, block.eps)
             hidden = block.products.mlp(x, hidden)
-        return F.rms_norm(hidden, (D,), self.norm, self.eps).view(B, T, D)
+        return F.rms_norm(hidden, (D,), self.norm, self.eps)  # (B, D)
 
     @staticmethod
     def _attention(
