@@ -153,3 +153,15 @@ def test_packed_paths_on_smollm2(small_offline_model, coco_mini):
         for x, y in zip(bf16.topk(20).indices, reference.topk(20).indices)
     ]
     assert sum(overlap) / len(overlap) > 0.95
+
+
+def test_packed_decoder_without_onednn_runs_plain_products(monkeypatch):
+    """Off oneDNN (a GPU, or a CPU build without it) the blocks run `F.linear` with the activation,
+    gating and residual sums as separate operations: the same features as the transformers forward."""
+    model = create_model("tiny", overrides=["text.use_lora=false"]).eval()
+    reference = _features(model, CAPTIONS, "transformers")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    plain = _features(model, CAPTIONS, "float32")
+    decoder = model.text._packed[(torch.float32, torch.device("cpu"))]
+    assert not decoder.blocks[0].products.fused  # the plain products really ran
+    torch.testing.assert_close(plain, reference, rtol=1e-5, atol=1e-5)
