@@ -38,7 +38,8 @@ the mean overlap of those sets, and the largest weight difference.
 Trained model (--trained-model, the bundled Flickr8k head): the same comparison of bfloat16 against
 float32, where users query, and where the difference comes from, by emulation on the float32 path:
 the LLM's weights rounded to bf16 with float32 activations, the same with each product's input
-rounded to bf16 too (what bf16 products need), and fp16 weights with float32 activations.
+rounded to bf16 too (what bf16 products need), and the same two with fp16 (what fp16 products
+would give, on a CPU that has them: oneDNN needs AVX512-FP16 or AVX-NE-CONVERT).
 """
 
 from __future__ import annotations
@@ -257,9 +258,11 @@ def _top_words_agreement(weights: torch.Tensor, reference: torch.Tensor) -> dict
     }
 
 
-def _emulated(model, round_weights: torch.dtype, round_inputs: bool, captions: list[str]):
+def _emulated(
+    model, round_weights: torch.dtype, round_inputs: torch.dtype | None, captions: list[str]
+):
     """The float32 path's weights for `captions` with the LLM's projection weights rounded to
-    `round_weights` (and each product's input rounded to bf16 if `round_inputs`), everything else
+    `round_weights` (and each product's input rounded to `round_inputs` unless None), everything else
     float32: which rounding moves the top words. Installs a packed decoder built from a rounded copy
     of the LLM in the tower's packed-copy slot for float32 and removes it after (bench only)."""
     text = model.text
@@ -270,10 +273,12 @@ def _emulated(model, round_weights: torch.dtype, round_inputs: bool, captions: l
                         "o_proj")), layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):  # fmt: skip
                 lin.weight.copy_(lin.weight.to(round_weights).float())
     packed = PackedDecoder(decoder, torch.float32)
-    if round_inputs:
+    if round_inputs is not None:
         for block in packed.blocks:
             linear = block.products._linear
-            block.products._linear = lambda x, i, *a, _f=linear: _f(x.bfloat16().float(), i, *a)
+            block.products._linear = lambda x, i, *a, _f=linear, _d=round_inputs: _f(
+                x.to(_d).float(), i, *a
+            )
     text.cfg.inference_weights = "float32"
     text._packed_decoder()  # the real copy exists; replace it for the block below
     key = (torch.float32, text.codebook.device)
@@ -296,9 +301,10 @@ def trained_head_agreement(name: str, captions: list[str]) -> dict[str, object]:
     out: dict[str, object] = {"model": name, "captions": len(captions)}
     out["bfloat16"] = _top_words_agreement(weights["bfloat16"], reference)
     variants = {
-        "bf16_weights_float32_activations": (torch.bfloat16, False),
-        "bf16_weights_and_product_inputs": (torch.bfloat16, True),
-        "fp16_weights_float32_activations": (torch.float16, False),
+        "bf16_weights_float32_activations": (torch.bfloat16, None),
+        "bf16_weights_and_product_inputs": (torch.bfloat16, torch.bfloat16),
+        "fp16_weights_float32_activations": (torch.float16, None),
+        "fp16_weights_and_product_inputs": (torch.float16, torch.float16),
     }
     out["emulated"] = {
         label: _top_words_agreement(_emulated(model, dtype, inputs, captions), reference)
