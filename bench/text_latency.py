@@ -185,8 +185,8 @@ def weight_floor(model, threads: list[int], rows: int = 18) -> dict[str, dict[st
             decoder = text._packed_decoder()
         finally:
             text.cfg.inference_weights = "float32"
-        products = [(b.products, i) for b in decoder.blocks for i in range(len(b.products.shapes))]
-        shapes = [block.shapes[i] for block, i in products]  # (N, K) each
+        products = [(b.products, i) for b in decoder.blocks for i in range(len(b.products.weights))]
+        shapes = [tuple(block.weights[i].shape) for block, i in products]  # (N, K) each
         inputs = {k: torch.randn(rows, k).to(decoder.dtype) for _, k in shapes}
         plain = [torch.randn(shape).to(decoder.dtype) for shape in shapes]  # the read's weights
         total = sum(w.numel() * w.element_size() for w in plain)

@@ -62,6 +62,22 @@ def packed_dtype(weights: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _onednn_linear(
+    x: Tensor, packed: Tensor, attr: str = "none", other: Tensor | None = None
+) -> Tensor:
+    """x (M, K) · Wᵀ for a weight packed by `torch.ops.mkldnn._reorder_linear_weight`, then the
+    unary post-op `attr` ("none", "swish") or, with `other` (M, N), the binary one ("add", "mul");
+    in `x`'s dtype. Rows come out the same for any M: one row (which takes a kernel that rounds
+    differently) is padded to two."""
+    rows = x.shape[0]
+    if rows == 1:
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        other = None if other is None else torch.cat([other, other.new_zeros(other.shape)])
+    if other is None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, attr, [], "")[:rows]
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, None, attr)[:rows]
+
+
 class PackedLinear:
     """`x · Wᵀ (+ b)` for a frozen weight packed once: float32 (..., K) in, float32 (..., N) out.
 
@@ -79,11 +95,8 @@ class PackedLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        rows = flat.shape[0]
         if self.packed is not None:
-            if rows == 1:  # one row takes a kernel that rounds differently: pad it to two
-                flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")[:rows]
+            out = _onednn_linear(flat, self.packed)
         else:
             out = F.linear(flat, self.weight)
         out = out.float()
@@ -129,17 +142,13 @@ class _BlockProducts:
     """
 
     def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_mlp_linears(mlp)):
-            if lin.bias is not None:
-                raise ValueError("the packed decoder takes projections without bias")
+        attn, mlp = layer.self_attn, layer.mlp  # projections without bias (`supports`)
         self.dtype = dtype
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         self.weights = [
             w.detach().to(dtype).contiguous()
             for w in (qkv, attn.o_proj.weight, *(lin.weight for lin in _mlp_linears(mlp)))
-        ]  # qkv, o, gate, up, down: (N, K) each
-        self.shapes = [tuple(w.shape) for w in self.weights]
+        ]  # qkv, o, gate, up, down: (N, K) each (packed too)
         self.fused = self.weights[0].device.type == "cpu" and torch.backends.mkldnn.is_available()
         if self.fused:
             self.weights = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in self.weights]
@@ -152,15 +161,7 @@ class _BlockProducts:
             if attr == "swish":
                 return F.silu(out)
             return out if other is None else (out + other if attr == "add" else out * other)
-        rows = x.shape[0]
-        if rows == 1:  # one row takes a kernel that rounds differently: pad it to two
-            x = torch.cat([x, x.new_zeros(1, x.shape[1])])
-            other = None if other is None else torch.cat([other, other.new_zeros(other.shape)])
-        if other is None:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.weights[i], None, attr, [], "")
-        else:
-            out = torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weights[i], None, attr)
-        return out[:rows]
+        return _onednn_linear(x, self.weights[i], attr, other)
 
     def qkv(self, x: Tensor) -> Tensor:  # (M, D) -> (M, (H + 2 H_kv) hd)
         return self._linear(x.to(self.dtype), 0).float()
