@@ -112,9 +112,10 @@ class TextConfig(_Checked):
     input_words_weight: float = 0.0
     # How a Llama LLM (without LoRA) encodes at inference (eval mode, no gradient): a lean forward
     # with its weights packed once (models/text_inference.py), "float32" (equal to the transformers
-    # forward within float rounding) or "bfloat16" (about 2x faster where the CPU multiplies bf16
-    # natively, AVX512-BF16/AMX; scores within ~1e-3 but near-tied top words may swap:
-    # docs/performance.md); "auto": bfloat16 where native, else float32; "transformers": the model's
+    # forward within float rounding) or "bfloat16" (1.4-1.6x faster where the CPU multiplies bf16
+    # natively, AVX512-BF16/AMX; weights within ~6e-3, and near-tied top words may swap: the top-20
+    # set stays for ~92% of captions on a trained head, docs/performance.md); "auto": bfloat16
+    # where native, else float32; "transformers": the model's
     # own forward (the reference).
     inference_weights: str = "float32"
 
