@@ -207,55 +207,58 @@ def weight_floor(model, threads: list[int], rows: int = 18) -> dict[str, dict[st
     return out
 
 
+def _encode_all(model, captions: list[str], path: str, batch: int = 32) -> torch.Tensor:
+    """(N, V) text weights of `captions` through `path`, in batches."""
+    return torch.cat(
+        [encode(model, captions[i : i + batch], path) for i in range(0, len(captions), batch)]
+    )
+
+
 def batch_invariance(model, captions: list[str]) -> dict[str, float]:
     """Fraction of captions whose float32 weights alone equal, bit for bit, their row in batches."""
-    alone = torch.cat([encode(model, [c], "float32") for c in captions])
+    alone = _encode_all(model, captions, "float32", batch=1)
     out = {"captions": len(captions)}
     for size in (8, 32):
-        batched = torch.cat(
-            [
-                encode(model, captions[i : i + size], "float32")
-                for i in range(0, len(captions), size)
-            ]
-        )
+        batched = _encode_all(model, captions, "float32", batch=size)
         out[f"identical_in_batches_of_{size}"] = float((alone == batched).all(1).float().mean())
     return out
 
 
 # ------------------------------------------------------------------------------ equality
-def compare(model, captions: list[str], batch: int = 32) -> dict[str, dict[str, float]]:
-    """Each packed path's weights against the reference's on the same captions."""
-    weights = {
-        path: torch.cat(
-            [encode(model, captions[i : i + batch], path) for i in range(0, len(captions), batch)]
-        )  # fmt: skip
-        for path in PATHS
+def _top_words_agreement(weights: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Share of rows whose TOP_K heaviest words are the same set as the reference's; largest |Δw|."""
+    top, ref_top = weights.topk(TOP_K).indices, reference.topk(TOP_K).indices
+    same_set = [set(a.tolist()) == set(b.tolist()) for a, b in zip(top, ref_top)]
+    return {
+        "top20_same_set_fraction": sum(same_set) / len(same_set),
+        "max_abs_weight_diff": float((weights - reference).abs().max()),
     }
+
+
+def _rank20_gap_median(reference: torch.Tensor) -> float:
+    """Median gap between each row's 20th and 21st heaviest weight (how near-tied the 20th is)."""
+    gaps = reference.topk(TOP_K + 1).values
+    return float((gaps[:, -2] - gaps[:, -1]).median())
+
+
+def compare(model, captions: list[str]) -> dict[str, dict[str, float]]:
+    """Each packed path's weights against the reference's on the same captions."""
+    weights = {path: _encode_all(model, captions, path) for path in PATHS}
     reference = weights["transformers"]
     ref_top = reference.topk(TOP_K).indices
     out = {}
     for path in PATHS[1:]:
         top = weights[path].topk(TOP_K).indices
-        same_set = [set(a.tolist()) == set(b.tolist()) for a, b in zip(top, ref_top)]
         overlap = [len(set(a.tolist()) & set(b.tolist())) / TOP_K for a, b in zip(top, ref_top)]
+        agreement = _top_words_agreement(weights[path], reference)
         out[path] = {
-            "top20_same_set_fraction": sum(same_set) / len(captions),
+            "top20_same_set_fraction": agreement["top20_same_set_fraction"],
             "top20_same_order_fraction": float((top == ref_top).all(1).float().mean()),
             "top20_mean_overlap": sum(overlap) / len(captions),
-            "max_abs_weight_diff": float((weights[path] - reference).abs().max()),
+            "max_abs_weight_diff": agreement["max_abs_weight_diff"],
         }
-    gaps = reference.topk(TOP_K + 1).values
-    out["reference_gap_rank20_rank21_median"] = float((gaps[:, -2] - gaps[:, -1]).median())
+    out["reference_gap_rank20_rank21_median"] = _rank20_gap_median(reference)
     return out
-
-
-def _top_words_agreement(weights: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    top, ref_top = weights.topk(TOP_K).indices, reference.topk(TOP_K).indices
-    same_set = [set(a.tolist()) == set(b.tolist()) for a, b in zip(top, ref_top)]
-    return {
-        "top20_same_set_fraction": sum(same_set) / len(same_set),
-        "max_abs_weight_diff": round(float((weights - reference).abs().max()), 5),
-    }
 
 
 def _emulated(
@@ -284,8 +287,7 @@ def _emulated(
     key = (torch.float32, text.codebook.device)
     real, text._packed[key] = text._packed[key], packed
     try:
-        return torch.cat([encode(model, captions[i : i + 32], "float32")
-                          for i in range(0, len(captions), 32)])  # fmt: skip
+        return _encode_all(model, captions, "float32")
     finally:
         text._packed[key] = real
 
@@ -294,9 +296,7 @@ def trained_head_agreement(name: str, captions: list[str]) -> dict[str, object]:
     """On a trained model (`name`, the bundled Flickr8k head): bfloat16 against float32 top-20 words,
     and where the difference comes from (emulated roundings on the float32 path)."""
     model = lexvla.create_model(name).eval()
-    batches = range(0, len(captions), 32)
-    weights = {p: torch.cat([encode(model, captions[i : i + 32], p) for i in batches])
-               for p in ("float32", "bfloat16")}  # fmt: skip
+    weights = {p: _encode_all(model, captions, p) for p in ("float32", "bfloat16")}
     reference = weights["float32"]
     out: dict[str, object] = {"model": name, "captions": len(captions)}
     out["bfloat16"] = _top_words_agreement(weights["bfloat16"], reference)
@@ -310,8 +310,7 @@ def trained_head_agreement(name: str, captions: list[str]) -> dict[str, object]:
         label: _top_words_agreement(_emulated(model, dtype, inputs, captions), reference)
         for label, (dtype, inputs) in variants.items()
     }
-    gaps = reference.topk(TOP_K + 1).values
-    out["reference_gap_rank20_rank21_median"] = float((gaps[:, -2] - gaps[:, -1]).median())
+    out["reference_gap_rank20_rank21_median"] = _rank20_gap_median(reference)
     return out
 
 
